@@ -1,0 +1,114 @@
+"""What happens after each answer: plain functions over plain data, no I/O.
+
+The router's async shell performs the calls and journal writes; these functions
+decide.  Property tests and the table in DESIGN §1 drive them directly.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from failover._models import Outcome
+
+
+class Verdict(enum.Enum):
+    """What one answer means for this repayment on this channel."""
+
+    COLLECTED = "collected"
+    """Money was collected: the repayment succeeded."""
+    STOP = "stop"
+    """Rejected: the repayment must not be tried anywhere; it fails."""
+    REFUSED = "refused"
+    """Declined: nothing collected; this channel is not tried again this round."""
+    FAILED = "failed"
+    """Unavailable: nothing collected; the same channel may be retried."""
+    NOT_COLLECTED = "not_collected"
+    """An unknown outcome proven not collected by a query."""
+    IN_DOUBT = "in_doubt"
+    """It may have collected, and nothing proved otherwise yet."""
+    NEEDS_QUERY = "needs_query"
+    """Unknown: ask the channel before anything else."""
+    SKIPPED = "skipped"
+    """No call was made (the breaker did not admit one)."""
+
+
+def after_submit(outcome: Outcome) -> Verdict:
+    """The verdict on a submit's answer."""
+    if outcome is Outcome.SUCCEEDED:
+        return Verdict.COLLECTED
+    if outcome is Outcome.REJECTED:
+        return Verdict.STOP
+    if outcome is Outcome.DECLINED:
+        return Verdict.REFUSED
+    if outcome is Outcome.UNAVAILABLE:
+        return Verdict.FAILED
+    # UNKNOWN, and NOT_FOUND (meaningless as a submit answer), may have collected.
+    return Verdict.NEEDS_QUERY
+
+
+def after_query(answer: Outcome) -> Verdict:
+    """The verdict on a status query's answer about a submit in doubt."""
+    if answer is Outcome.SUCCEEDED:
+        return Verdict.COLLECTED
+    if answer is Outcome.REJECTED:
+        return Verdict.STOP
+    if answer is Outcome.DECLINED:
+        return Verdict.REFUSED
+    if answer is Outcome.NOT_FOUND:
+        return Verdict.NOT_COLLECTED
+    # UNKNOWN, UNAVAILABLE or a failed query prove nothing.
+    return Verdict.IN_DOUBT
+
+
+def may_retry_same(verdict: Verdict, idempotent: bool) -> bool:
+    """Whether the same channel may be called again (with the same reference).
+
+    After an unknown outcome only a channel that deduplicates on the reference
+    may be called again: a second call to any other could collect twice.
+    """
+    if verdict is Verdict.FAILED:
+        return True
+    if verdict in (Verdict.NOT_COLLECTED, Verdict.IN_DOUBT):
+        return idempotent
+    return False
+
+
+def settles_doubt(verdict: Verdict) -> bool:
+    """Whether this answer (to a resubmit or a query, same reference) settles earlier doubt."""
+    return verdict in (Verdict.COLLECTED, Verdict.STOP, Verdict.REFUSED, Verdict.NOT_COLLECTED)
+
+
+class ChannelEnd(enum.Enum):
+    """How trying one channel (with its retries) ended for the repayment."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    """Rejected: the repayment fails."""
+    NEXT = "next"
+    """Nothing collected here: fail over to the next channel."""
+    PENDING = "pending"
+    """Something may have been collected: stop and wait for the channel's answer."""
+    SKIPPED = "skipped"
+    """No call was made: treat the channel as ineligible."""
+
+
+def channel_end(last: Verdict, doubt: bool, called: bool) -> ChannelEnd:
+    """How a channel ends given its last verdict and whether an earlier attempt is still in doubt.
+
+    Doubt always wins over moving on: failing over while an attempt may have
+    collected is how money gets taken twice.
+    """
+    if last is Verdict.COLLECTED:
+        return ChannelEnd.SUCCEEDED
+    if last is Verdict.STOP:
+        return ChannelEnd.FAILED
+    if doubt or last in (Verdict.IN_DOUBT, Verdict.NEEDS_QUERY):
+        return ChannelEnd.PENDING
+    if last is Verdict.SKIPPED and not called:
+        return ChannelEnd.SKIPPED
+    return ChannelEnd.NEXT
+
+
+def refuses_again(outcome: Outcome | None, resolution: Outcome | None) -> bool:
+    """Whether an earlier attempt rules its channel out for the rest of the round."""
+    return Outcome.DECLINED in (outcome, resolution) or Outcome.REJECTED in (outcome, resolution)

@@ -1,0 +1,241 @@
+"""Value objects: what goes in (``Repayment``), what a channel answers, what comes out."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from failover._currencies import MINOR_UNITS
+
+JSONScalar = str | int | float | bool | None
+
+
+class Outcome(enum.StrEnum):
+    """How one channel call ended (see the table in DESIGN §1)."""
+
+    SUCCEEDED = "succeeded"
+    """The channel collected the money."""
+    DECLINED = "declined"
+    """The channel refused without collecting; the next channel may be tried."""
+    REJECTED = "rejected"
+    """The repayment must not be tried anywhere: it fails."""
+    UNAVAILABLE = "unavailable"
+    """The channel certainly did not collect (down, maintenance, rate limited)."""
+    UNKNOWN = "unknown"
+    """The channel may have collected; never fail over before this is resolved."""
+    NOT_FOUND = "not_found"
+    """Answer to a status query: the channel holds no such request."""
+
+    @property
+    def is_definitive(self) -> bool:
+        """True for answers that settle whether money was collected."""
+        return self in _DEFINITIVE
+
+
+_DEFINITIVE = frozenset({Outcome.SUCCEEDED, Outcome.DECLINED, Outcome.REJECTED, Outcome.NOT_FOUND})
+
+
+class RepaymentStatus(enum.StrEnum):
+    """Where a repayment stands."""
+
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class PendingReason(enum.StrEnum):
+    """Why a repayment is ``PENDING``."""
+
+    IN_FLIGHT = "in_flight"
+    """The router is working on it now (or was, when a process stopped)."""
+    AWAITING_CHANNEL = "awaiting_channel"
+    """A channel's outcome is unknown; ``reconcile()`` asks it again."""
+
+
+def _mask(value: str) -> str:
+    """Keep the last four characters of an account number, star the rest."""
+    if len(value) <= 4:
+        return "*" * len(value)
+    return "*" * (len(value) - 4) + value[-4:]
+
+
+class Repayment(BaseModel):
+    """One repayment to collect, identified by ``key`` (the idempotency key).
+
+    Validated on construction; a bad field raises ``pydantic.ValidationError``
+    naming it, before anything is written.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
+
+    key: str = Field(min_length=1, max_length=200)
+    account: str = Field(min_length=1, max_length=200)
+    amount: Decimal
+    currency: str
+    due_at: datetime | None = None
+    metadata: dict[str, JSONScalar] = Field(default_factory=dict)
+
+    @field_validator("amount", mode="before")
+    @classmethod
+    def _no_floats(cls, value: Any) -> Any:
+        # A float such as 0.1 has no exact decimal value; money comes as str, int or Decimal.
+        if isinstance(value, float):
+            raise ValueError("amount must be a Decimal, int or string, not a float")
+        return value
+
+    @field_validator("currency")
+    @classmethod
+    def _known_currency(cls, value: str) -> str:
+        code = value.upper()
+        if code not in MINOR_UNITS:
+            raise ValueError(f"unknown ISO 4217 currency code {value!r}")
+        return code
+
+    @field_validator("amount")
+    @classmethod
+    def _positive_finite(cls, value: Decimal) -> Decimal:
+        if not value.is_finite():
+            raise ValueError("amount must be a finite number")
+        if value <= 0:
+            raise ValueError("amount must be positive")
+        return value
+
+    @field_validator("due_at")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.utcoffset() is None:
+            raise ValueError("due_at must be timezone-aware")
+        return value
+
+    def model_post_init(self, __context: Any) -> None:
+        places = MINOR_UNITS[self.currency]
+        exponent = self.amount.as_tuple().exponent
+        assert isinstance(exponent, int)  # finite, checked above
+        if -exponent > places:
+            # Raised through pydantic so callers see one error type naming the field.
+            from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError
+
+            error = PydanticCustomError(
+                "amount_precision",
+                "amount {amount} has more decimal places than {currency} allows ({places})",
+                {"amount": str(self.amount), "currency": self.currency, "places": places},
+            )
+            details: list[InitErrorDetails] = [
+                {"type": error, "loc": ("amount",), "input": str(self.amount)}
+            ]
+            raise ValidationError.from_exception_data(type(self).__name__, details)
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, _mask(value) if name == "account" and isinstance(value, str) else value
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelRequest:
+    """What an adapter receives: one repayment on one channel.
+
+    ``reference`` is the same for this repayment on this channel across retries,
+    restarts and instances: idempotent channels deduplicate on it, ``query`` finds by it.
+    """
+
+    repayment_key: str
+    reference: str
+    account: str = field(repr=False)
+    amount: Decimal
+    currency: str
+    metadata: Mapping[str, JSONScalar] = field(default_factory=dict)
+
+    @property
+    def masked_account(self) -> str:
+        """The account with all but its last four characters hidden, for logs."""
+        return _mask(self.account)
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelResult:
+    """What an adapter answers; build it with the named constructors."""
+
+    outcome: Outcome
+    channel_reference: str | None = None
+    code: str | None = None
+    detail: str | None = None
+
+    @classmethod
+    def succeeded(cls, channel_reference: str | None = None) -> Self:
+        return cls(Outcome.SUCCEEDED, channel_reference=channel_reference)
+
+    @classmethod
+    def declined(cls, code: str = "declined", detail: str | None = None) -> Self:
+        return cls(Outcome.DECLINED, code=code, detail=detail)
+
+    @classmethod
+    def rejected(cls, code: str = "rejected", detail: str | None = None) -> Self:
+        return cls(Outcome.REJECTED, code=code, detail=detail)
+
+    @classmethod
+    def unavailable(cls, code: str = "unavailable", detail: str | None = None) -> Self:
+        return cls(Outcome.UNAVAILABLE, code=code, detail=detail)
+
+    @classmethod
+    def unknown(cls, code: str = "unknown", detail: str | None = None) -> Self:
+        return cls(Outcome.UNKNOWN, code=code, detail=detail)
+
+    @classmethod
+    def not_found(cls) -> Self:
+        return cls(Outcome.NOT_FOUND, code="not_found")
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One submit to one channel, as journaled.
+
+    ``outcome`` is what the call answered (``None`` while it is in the air, or
+    when a crash lost the answer); ``resolution`` is what a later status query
+    or a definitive resubmit with the same reference proved about it.
+    """
+
+    channel: str
+    reference: str
+    outcome: Outcome | None
+    code: str | None
+    started_at: datetime
+    finished_at: datetime | None
+    detail: str | None = None
+    resolution: Outcome | None = None
+    round: int = 1
+    channel_reference: str | None = None
+
+    @property
+    def in_doubt(self) -> bool:
+        """True while this attempt may have collected and nothing proved otherwise."""
+        return self.outcome in (None, Outcome.UNKNOWN) and self.resolution is None
+
+
+@dataclass(frozen=True, slots=True)
+class RepaymentResult:
+    """Where a repayment stands, with every attempt made for it."""
+
+    key: str
+    status: RepaymentStatus
+    channel: str | None
+    channel_reference: str | None
+    attempts: tuple[Attempt, ...]
+    amount: Decimal
+    currency: str
+    code: str | None = None
+    """Why it failed (``deadline``, ``no_eligible_channel``, a channel's code) or is pending."""
+    pending_reason: PendingReason | None = None
+    pending_channel: str | None = None
+    round: int = 1
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status is not RepaymentStatus.PENDING

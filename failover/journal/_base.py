@@ -1,0 +1,160 @@
+"""What every journal stores and the operations the router needs from it.
+
+A journal is the write-ahead record of each repayment: the intent is written
+before any channel is called, each attempt is written "sent" before the call
+and finished after, and a terminal state never changes (``FAILED`` only by an
+explicit new round).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Protocol
+
+from failover._errors import IdempotencyConflict
+from failover._models import (
+    Attempt,
+    ChannelResult,
+    JSONScalar,
+    Outcome,
+    PendingReason,
+    Repayment,
+    RepaymentResult,
+    RepaymentStatus,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One repayment as the journal holds it."""
+
+    key: str
+    account: str = dataclasses.field(repr=False)
+    amount: Decimal
+    currency: str
+    due_at: datetime | None
+    metadata: dict[str, JSONScalar]
+    preference: tuple[str, ...] | None
+    status: RepaymentStatus
+    round: int
+    created_at: datetime
+    updated_at: datetime
+    channel: str | None = None
+    channel_reference: str | None = None
+    code: str | None = None
+    pending_reason: PendingReason | None = PendingReason.IN_FLIGHT
+    pending_channel: str | None = None
+    attempts: tuple[Attempt, ...] = ()
+
+    def result(self) -> RepaymentResult:
+        pending = self.status is RepaymentStatus.PENDING
+        return RepaymentResult(
+            key=self.key,
+            status=self.status,
+            channel=self.channel,
+            channel_reference=self.channel_reference,
+            attempts=self.attempts,
+            amount=self.amount,
+            currency=self.currency,
+            code=self.code,
+            pending_reason=self.pending_reason if pending else None,
+            pending_channel=self.pending_channel if pending else None,
+            round=self.round,
+            created_at=self.created_at,
+            updated_at=self.updated_at,
+        )
+
+    def check_same(self, repayment: Repayment) -> None:
+        """Raise ``IdempotencyConflict`` if ``repayment`` reuses this key for other money."""
+        for field in ("account", "amount", "currency"):
+            stored, given = getattr(self, field), getattr(repayment, field)
+            if stored != given:
+                shown = (lambda v: "<masked>") if field == "account" else (lambda v: v)
+                raise IdempotencyConflict(self.key, field, shown(stored), shown(given))
+
+    def round_attempts(self) -> tuple[Attempt, ...]:
+        return tuple(a for a in self.attempts if a.round == self.round)
+
+
+def new_record(
+    repayment: Repayment, preference: tuple[str, ...] | None, now: datetime
+) -> Record:
+    return Record(
+        key=repayment.key,
+        account=repayment.account,
+        amount=repayment.amount,
+        currency=repayment.currency,
+        due_at=repayment.due_at,
+        metadata=dict(repayment.metadata),
+        preference=preference,
+        status=RepaymentStatus.PENDING,
+        round=1,
+        created_at=now,
+        updated_at=now,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class JournalStats:
+    """Counts for dashboards and the ``failover status`` command."""
+
+    by_status: dict[RepaymentStatus, int]
+    oldest_pending: datetime | None
+
+
+class Journal(Protocol):
+    """The durable store behind a router.  All methods are coroutines."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def create(
+        self, repayment: Repayment, preference: tuple[str, ...] | None, now: datetime
+    ) -> tuple[Record, bool]:
+        """Write the intent if the key is new; return the stored record and whether it was new."""
+        ...
+
+    async def load(self, key: str) -> Record | None: ...
+
+    async def begin_attempt(
+        self, key: str, round: int, channel: str, reference: str, now: datetime
+    ) -> int:
+        """Write an attempt as sent (outcome unknown) and return its number."""
+        ...
+
+    async def finish_attempt(
+        self, key: str, number: int, result: ChannelResult, now: datetime
+    ) -> None: ...
+
+    async def resolve_attempts(
+        self, key: str, round: int, reference: str, resolution: Outcome, now: datetime
+    ) -> None:
+        """Record what a query or definitive resubmit proved about every attempt in
+        doubt with ``reference``."""
+        ...
+
+    async def set_pending(
+        self, key: str, round: int, reason: PendingReason, channel: str | None,
+        code: str | None, now: datetime,
+    ) -> None: ...
+
+    async def finish(
+        self, key: str, round: int, status: RepaymentStatus, channel: str | None,
+        channel_reference: str | None, code: str | None, now: datetime,
+    ) -> Record:
+        """Make the repayment terminal; ``TerminalStateError`` if it already is."""
+        ...
+
+    async def new_round(self, key: str, now: datetime) -> Record:
+        """Move a ``FAILED`` repayment back to ``PENDING`` under a new round number."""
+        ...
+
+    async def pending_keys(self, reason: PendingReason | None = None) -> list[str]:
+        """Keys of ``PENDING`` repayments, oldest first (optionally of one reason)."""
+        ...
+
+    async def stats(self) -> JournalStats: ...

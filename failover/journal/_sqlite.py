@@ -1,0 +1,439 @@
+"""The durable embedded journal: SQLite in WAL mode with ``synchronous=FULL``.
+
+All statements run on one worker thread that owns the connection.  Operations
+that arrive while a commit is being flushed wait in a queue and are written
+together in the next transaction (group commit): durability costs one fsync
+per batch, not one per write, and the event loop never blocks on the disk.
+Each operation runs inside its own savepoint, so one that fails (a terminal
+repayment asked to change) is rolled back alone while the batch commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, TypeVar
+
+from failover._errors import JournalError, SchemaVersionError, TerminalStateError, UnknownRepayment
+from failover._models import (
+    Attempt,
+    ChannelResult,
+    Outcome,
+    PendingReason,
+    Repayment,
+    RepaymentStatus,
+)
+from failover.journal._base import JournalStats, Record, new_record
+
+SCHEMA_VERSION = 1
+_MAX_BATCH = 1024
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE repayments (
+    key TEXT PRIMARY KEY,
+    account TEXT NOT NULL,
+    amount TEXT NOT NULL,
+    currency TEXT NOT NULL,
+    due_at TEXT,
+    metadata TEXT NOT NULL,
+    preference TEXT,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'succeeded', 'failed')),
+    round INTEGER NOT NULL,
+    channel TEXT,
+    channel_reference TEXT,
+    code TEXT,
+    pending_reason TEXT,
+    pending_channel TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX repayments_pending ON repayments (created_at) WHERE status = 'pending';
+CREATE TABLE attempts (
+    key TEXT NOT NULL REFERENCES repayments (key),
+    number INTEGER NOT NULL,
+    round INTEGER NOT NULL,
+    channel TEXT NOT NULL,
+    reference TEXT NOT NULL,
+    outcome TEXT,
+    code TEXT,
+    detail TEXT,
+    resolution TEXT,
+    channel_reference TEXT,
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    PRIMARY KEY (key, number)
+) WITHOUT ROWID;
+-- The journal itself refuses to change a finished repayment, whatever the code does.
+CREATE TRIGGER succeeded_is_final BEFORE UPDATE ON repayments
+WHEN OLD.status = 'succeeded'
+BEGIN SELECT RAISE(ABORT, 'terminal: succeeded'); END;
+CREATE TRIGGER failed_changes_by_new_round_only BEFORE UPDATE ON repayments
+WHEN OLD.status = 'failed' AND NEW.round = OLD.round
+BEGIN SELECT RAISE(ABORT, 'terminal: failed'); END;
+"""
+
+
+def _statements(script: str) -> list[str]:
+    # executescript() would COMMIT the guarding transaction first; split and run one by one.
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        if line.startswith("--"):
+            continue
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    return statements
+
+
+def _ts(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _dt(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
+def _outcome(value: str | None) -> Outcome | None:
+    return None if value is None else Outcome(value)
+
+
+class SQLiteJournal:
+    """A journal in one SQLite file (created if missing)."""
+
+    def __init__(self, path: str | Path, *, busy_timeout_s: float = 30.0) -> None:
+        self.path = str(path)
+        self._busy_timeout_s = busy_timeout_s
+        self._queue: queue.SimpleQueue[
+            tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]] | None
+        ] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.batches = 0
+        """Transactions committed; with ``operations``, shows how well writes were grouped."""
+        self.operations = 0
+
+    # ---- lifecycle -------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(
+            target=self._run, args=(ready,), name=f"failover-journal:{self.path}", daemon=True
+        )
+        self._thread.start()
+        try:
+            await ready
+        except BaseException:
+            self._thread.join()
+            self._thread = None
+            raise
+
+    async def close(self) -> None:
+        if self._thread is None:
+            return
+        self._queue.put(None)
+        thread, self._thread = self._thread, None
+        await asyncio.to_thread(thread.join)
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, timeout=self._busy_timeout_s,
+                check_same_thread=False,
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                conn.close()
+                raise SchemaVersionError(self.path, version, SCHEMA_VERSION)
+            if version == 0:
+                conn.execute("BEGIN IMMEDIATE")
+                if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+                    for statement in _statements(_SCHEMA):
+                        conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise JournalError(f"cannot open journal {self.path!r}: {exc}") from exc
+        return conn
+
+    def _run(self, ready: asyncio.Future[None]) -> None:
+        loop = self._loop
+        assert loop is not None
+        try:
+            conn = self._connect()
+        except BaseException as exc:
+            loop.call_soon_threadsafe(_settle, ready, None, exc)
+            return
+        loop.call_soon_threadsafe(_settle, ready, None, None)
+        try:
+            self._serve(conn, loop)
+        finally:
+            conn.close()
+
+    def _serve(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            # Everything that queued up while the last commit was flushing joins this one.
+            while len(batch) < _MAX_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for operation, future in batch:
+                    conn.execute("SAVEPOINT op")
+                    try:
+                        value = operation(conn)
+                    except Exception as exc:
+                        conn.execute("ROLLBACK TO op")
+                        conn.execute("RELEASE op")
+                        outcomes.append((future, None, _translate(exc)))
+                    else:
+                        conn.execute("RELEASE op")
+                        outcomes.append((future, value, None))
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                failed = JournalError(f"journal {self.path!r}: commit failed: {exc}")
+                outcomes = [(future, None, failed) for _, future in batch]
+            self.batches += 1
+            self.operations += len(batch)
+            for future, value, error in outcomes:
+                loop.call_soon_threadsafe(_settle, future, value, error)
+
+    async def _submit(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+        if self._thread is None or self._loop is None:
+            raise JournalError(f"journal {self.path!r} is not open")
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._queue.put((operation, future))
+        return await future
+
+    # ---- operations --------------------------------------------------------
+
+    async def create(
+        self, repayment: Repayment, preference: tuple[str, ...] | None, now: datetime
+    ) -> tuple[Record, bool]:
+        record = new_record(repayment, preference, now)
+
+        def op(conn: sqlite3.Connection) -> tuple[Record, bool]:
+            cursor = conn.execute(
+                "INSERT INTO repayments (key, account, amount, currency, due_at, metadata,"
+                " preference, status, round, pending_reason, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', 1, ?, ?, ?)"
+                " ON CONFLICT (key) DO NOTHING",
+                (
+                    record.key, record.account, str(record.amount), record.currency,
+                    _ts(record.due_at), json.dumps(record.metadata),
+                    None if preference is None else json.dumps(list(preference)),
+                    PendingReason.IN_FLIGHT.value, _ts(now), _ts(now),
+                ),
+            )
+            if cursor.rowcount == 1:
+                return record, True
+            existing = _load(conn, record.key)
+            assert existing is not None
+            return existing, False
+
+        return await self._submit(op)
+
+    async def load(self, key: str) -> Record | None:
+        return await self._submit(lambda conn: _load(conn, key))
+
+    async def begin_attempt(
+        self, key: str, round: int, channel: str, reference: str, now: datetime
+    ) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            number: int = conn.execute(
+                "SELECT COALESCE(MAX(number), 0) + 1 FROM attempts WHERE key = ?", (key,)
+            ).fetchone()[0]
+            conn.execute(
+                "INSERT INTO attempts (key, number, round, channel, reference, started_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (key, number, round, channel, reference, _ts(now)),
+            )
+            return number
+
+        return await self._submit(op)
+
+    async def finish_attempt(
+        self, key: str, number: int, result: ChannelResult, now: datetime
+    ) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE attempts SET outcome = ?, code = ?, detail = ?, channel_reference = ?,"
+                " finished_at = ? WHERE key = ? AND number = ?",
+                (result.outcome.value, result.code, result.detail, result.channel_reference,
+                 _ts(now), key, number),
+            )
+
+        await self._submit(op)
+
+    async def resolve_attempts(
+        self, key: str, round: int, reference: str, resolution: Outcome, now: datetime
+    ) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE attempts SET resolution = ? WHERE key = ? AND round = ? AND reference = ?"
+                " AND resolution IS NULL AND (outcome IS NULL OR outcome = 'unknown')",
+                (resolution.value, key, round, reference),
+            )
+
+        await self._submit(op)
+
+    async def set_pending(
+        self, key: str, round: int, reason: PendingReason, channel: str | None,
+        code: str | None, now: datetime,
+    ) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            _require_pending(conn, key, round)
+            conn.execute(
+                "UPDATE repayments SET pending_reason = ?, pending_channel = ?, code = ?,"
+                " updated_at = ? WHERE key = ?",
+                (reason.value, channel, code, _ts(now), key),
+            )
+
+        await self._submit(op)
+
+    async def finish(
+        self, key: str, round: int, status: RepaymentStatus, channel: str | None,
+        channel_reference: str | None, code: str | None, now: datetime,
+    ) -> Record:
+        def op(conn: sqlite3.Connection) -> Record:
+            _require_pending(conn, key, round)
+            conn.execute(
+                "UPDATE repayments SET status = ?, channel = ?, channel_reference = ?, code = ?,"
+                " pending_reason = NULL, pending_channel = NULL, updated_at = ? WHERE key = ?",
+                (status.value, channel, channel_reference, code, _ts(now), key),
+            )
+            record = _load(conn, key)
+            assert record is not None
+            return record
+
+        return await self._submit(op)
+
+    async def new_round(self, key: str, now: datetime) -> Record:
+        def op(conn: sqlite3.Connection) -> Record:
+            row = conn.execute("SELECT status FROM repayments WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                raise UnknownRepayment(key)
+            if row[0] != RepaymentStatus.FAILED.value:
+                raise TerminalStateError(key, row[0])
+            conn.execute(
+                "UPDATE repayments SET status = 'pending', round = round + 1, channel = NULL,"
+                " channel_reference = NULL, code = NULL, pending_reason = ?,"
+                " pending_channel = NULL, updated_at = ? WHERE key = ?",
+                (PendingReason.IN_FLIGHT.value, _ts(now), key),
+            )
+            record = _load(conn, key)
+            assert record is not None
+            return record
+
+        return await self._submit(op)
+
+    async def pending_keys(self, reason: PendingReason | None = None) -> list[str]:
+        def op(conn: sqlite3.Connection) -> list[str]:
+            sql = "SELECT key FROM repayments WHERE status = 'pending'"
+            args: tuple[str, ...] = ()
+            if reason is not None:
+                sql += " AND pending_reason = ?"
+                args = (reason.value,)
+            return [row[0] for row in conn.execute(sql + " ORDER BY created_at", args)]
+
+        return await self._submit(op)
+
+    async def stats(self) -> JournalStats:
+        def op(conn: sqlite3.Connection) -> JournalStats:
+            by_status = dict.fromkeys(RepaymentStatus, 0)
+            for status, count in conn.execute(
+                "SELECT status, COUNT(*) FROM repayments GROUP BY status"
+            ):
+                by_status[RepaymentStatus(status)] = count
+            oldest = conn.execute(
+                "SELECT MIN(created_at) FROM repayments WHERE status = 'pending'"
+            ).fetchone()[0]
+            return JournalStats(by_status, _dt(oldest))
+
+        return await self._submit(op)
+
+
+def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller was cancelled; the write happened anyway
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
+
+
+def _translate(exc: Exception) -> Exception:
+    if isinstance(exc, sqlite3.Error):
+        text = str(exc)
+        if text.startswith("terminal: "):
+            return JournalError(f"refused by the journal: {text}")
+        return JournalError(f"journal error: {text}")
+    return exc
+
+
+def _require_pending(conn: sqlite3.Connection, key: str, round: int) -> None:
+    row = conn.execute("SELECT status, round FROM repayments WHERE key = ?", (key,)).fetchone()
+    if row is None:
+        raise UnknownRepayment(key)
+    if row[0] != RepaymentStatus.PENDING.value or row[1] != round:
+        raise TerminalStateError(key, row[0])
+
+
+def _load(conn: sqlite3.Connection, key: str) -> Record | None:
+    row = conn.execute(
+        "SELECT key, account, amount, currency, due_at, metadata, preference, status, round,"
+        " channel, channel_reference, code, pending_reason, pending_channel, created_at,"
+        " updated_at FROM repayments WHERE key = ?",
+        (key,),
+    ).fetchone()
+    if row is None:
+        return None
+    attempts = tuple(
+        Attempt(
+            channel=a[0], reference=a[1], outcome=_outcome(a[2]), code=a[3],
+            started_at=datetime.fromisoformat(a[4]), finished_at=_dt(a[5]), detail=a[6],
+            resolution=_outcome(a[7]), round=a[8], channel_reference=a[9],
+        )
+        for a in conn.execute(
+            "SELECT channel, reference, outcome, code, started_at, finished_at, detail,"
+            " resolution, round, channel_reference FROM attempts WHERE key = ? ORDER BY number",
+            (key,),
+        )
+    )
+    return Record(
+        key=row[0], account=row[1], amount=Decimal(row[2]), currency=row[3], due_at=_dt(row[4]),
+        metadata=json.loads(row[5]),
+        preference=None if row[6] is None else tuple(json.loads(row[6])),
+        status=RepaymentStatus(row[7]), round=row[8], channel=row[9], channel_reference=row[10],
+        code=row[11], pending_reason=None if row[12] is None else PendingReason(row[12]),
+        pending_channel=row[13], created_at=datetime.fromisoformat(row[14]),
+        updated_at=datetime.fromisoformat(row[15]), attempts=attempts,
+    )
