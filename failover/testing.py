@@ -25,13 +25,16 @@ from failover._errors import ChannelUnavailable
 from failover._models import ChannelRequest, ChannelResult, RepaymentResult, RepaymentStatus
 
 __all__ = [
+    "HANG",
     "Audit",
+    "Collected",
     "Collection",
     "FakeClock",
     "FaultProfile",
     "Ledger",
     "MemoryLedger",
     "SQLiteLedger",
+    "ScriptedChannel",
     "SimulatedChannel",
     "SimulatedCrash",
     "assert_invariants",
@@ -312,6 +315,101 @@ class SimulatedChannel:
         answer = self._answers.get(request.reference)
         if answer is not None:
             return answer
+        return ChannelResult.not_found()
+
+
+@dataclass(frozen=True, slots=True)
+class Collected:
+    """A script step: collect the money, then answer ``result`` (e.g. a timeout)."""
+
+    result: ChannelResult | BaseException
+
+
+class _Hang:
+    def __repr__(self) -> str:
+        return "HANG"
+
+
+HANG = _Hang()
+"""A script step: never answer (until cancelled or timed out)."""
+
+ScriptStep = ChannelResult | BaseException | Collected | _Hang
+
+
+class ScriptedChannel:
+    """A channel that answers submits (and optionally queries) from a script, for
+    tests that need one exact sequence.  The ledger records what it really
+    collected: every ``SUCCEEDED`` step and every ``Collected`` step.
+
+    Queries answer from the script while it lasts, then from the ledger (the
+    truth): ``SUCCEEDED`` if collected, else ``NOT_FOUND``.  When the submit
+    script runs out, submits succeed.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        submits: Iterable[ScriptStep] = (),
+        *,
+        queries: Iterable[ScriptStep] = (),
+        idempotent: bool = False,
+        ledger: Ledger | None = None,
+    ) -> None:
+        self.name = name
+        self.idempotent = idempotent
+        self.ledger: Ledger = ledger if ledger is not None else MemoryLedger()
+        self._submits = list(submits)
+        self._queries = list(queries)
+        self.requests: list[ChannelRequest] = []
+        self.query_requests: list[ChannelRequest] = []
+
+    def __repr__(self) -> str:
+        return f"ScriptedChannel({self.name!r})"
+
+    @property
+    def submits(self) -> int:
+        return len(self.requests)
+
+    async def _play(self, step: ScriptStep, request: ChannelRequest) -> ChannelResult:
+        if isinstance(step, _Hang):
+            await asyncio.Event().wait()
+        if isinstance(step, Collected):
+            self._record(request)
+            step = step.result
+        if isinstance(step, BaseException):
+            raise step
+        assert isinstance(step, ChannelResult)
+        return step
+
+    def _record(self, request: ChannelRequest, channel_reference: str | None = None) -> str:
+        channel_reference = channel_reference or f"{self.name}-{len(self.ledger.collections()) + 1}"
+        self.ledger.record(Collection(
+            self.name, request.reference, request.repayment_key, request.amount,
+            channel_reference,
+        ))
+        return channel_reference
+
+    async def submit(self, request: ChannelRequest) -> ChannelResult:
+        self.requests.append(request)
+        step = self._submits.pop(0) if self._submits else ChannelResult.succeeded()
+        down = isinstance(step, ChannelUnavailable) or (
+            isinstance(step, ChannelResult) and step.outcome.value == "unavailable"
+        )
+        if self.idempotent and not down:
+            done = self.ledger.find(self.name, request.reference)
+            if done is not None:
+                return ChannelResult.succeeded(done.channel_reference)
+        if isinstance(step, ChannelResult) and step.outcome.value == "succeeded":
+            return ChannelResult.succeeded(self._record(request, step.channel_reference))
+        return await self._play(step, request)
+
+    async def query(self, request: ChannelRequest) -> ChannelResult:
+        self.query_requests.append(request)
+        if self._queries:
+            return await self._play(self._queries.pop(0), request)
+        done = self.ledger.find(self.name, request.reference)
+        if done is not None:
+            return ChannelResult.succeeded(done.channel_reference)
         return ChannelResult.not_found()
 
 
