@@ -1,0 +1,155 @@
+"""The journal: write-ahead records, schema versions, immutable terminal states, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+import pytest
+
+import failover
+from failover import ChannelResult, Outcome, PendingReason, RepaymentStatus
+from failover.journal import SCHEMA_VERSION
+from failover.testing import FakeClock, ScriptedChannel
+
+from .conftest import repayment
+
+
+async def test_intent_is_written_before_the_channel_is_called(journal, clock):
+    """When the adapter runs, the journal already holds the intent and a 'sent' attempt."""
+    seen = []
+
+    class Peek(ScriptedChannel):
+        async def submit(self, request):
+            seen.append(await journal.load(request.repayment_key))
+            return await super().submit(request)
+
+    async with failover.Router([Peek("card")], journal, clock=clock, sleep=clock.sleep) as router:
+        await router.repay(repayment())
+
+    [record] = seen
+    assert RepaymentStatus.PENDING == record.status
+    assert [(None, "card")] == [(a.outcome, a.channel) for a in record.attempts]
+
+
+async def test_journal_survives_reopen(tmp_path, clock):
+    """A SQLite journal keeps results across router instances."""
+    path = tmp_path / "j.db"
+    async with failover.Router([ScriptedChannel("card")], failover.SQLiteJournal(path),
+                               clock=clock) as router:
+        first = await router.repay(repayment())
+    async with failover.Router([ScriptedChannel("card")], failover.SQLiteJournal(path),
+                               clock=clock) as router:
+        again = await router.get(repayment().key)
+
+    assert first == again
+
+
+async def test_newer_schema_is_refused(tmp_path):
+    """A journal written by a newer schema is refused with a clear error, untouched."""
+    path = tmp_path / "j.db"
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    conn.close()
+
+    with pytest.raises(failover.SchemaVersionError, match="upgrade failover"):
+        await failover.SQLiteJournal(path).open()
+
+    conn = sqlite3.connect(path)
+    assert [] == conn.execute("SELECT name FROM sqlite_master").fetchall()
+    assert "delete" == conn.execute("PRAGMA journal_mode").fetchone()[0]
+
+
+async def test_finished_repayment_cannot_change(journal, clock):
+    """finish() of a terminal repayment raises TerminalStateError and changes nothing."""
+    async with failover.Router([ScriptedChannel("card")], journal, clock=clock) as router:
+        await router.repay(repayment())
+
+        with pytest.raises(failover.TerminalStateError):
+            await journal.finish(repayment().key, 1, RepaymentStatus.FAILED, None, None, "x",
+                                 clock.now())
+        assert RepaymentStatus.SUCCEEDED == (await router.get(repayment().key)).status
+
+
+async def test_sqlite_refuses_changing_succeeded_even_by_hand(tmp_path, clock):
+    """The SQLite schema itself refuses to change a SUCCEEDED row."""
+    path = tmp_path / "j.db"
+    async with failover.Router([ScriptedChannel("card")], failover.SQLiteJournal(path),
+                               clock=clock) as router:
+        await router.repay(repayment())
+    conn = sqlite3.connect(path)
+
+    with pytest.raises(sqlite3.IntegrityError, match="terminal"):
+        conn.execute("UPDATE repayments SET status = 'failed'")
+
+
+async def test_concurrent_writes_share_commits(tmp_path, clock):
+    """Group commit: many concurrent repayments take far fewer commits than writes."""
+    journal = failover.SQLiteJournal(tmp_path / "j.db")
+    async with failover.Router([ScriptedChannel("card")], journal, clock=clock) as router:
+        await asyncio.gather(*(router.repay(repayment(key=f"k{i}")) for i in range(200)))
+
+        assert journal.operations >= 200 * 4
+        assert journal.batches < journal.operations / 4
+
+
+async def test_sqlite_uses_wal_and_full_sync(tmp_path):
+    """The journal file is in WAL mode; the connection syncs FULL."""
+    journal = failover.SQLiteJournal(tmp_path / "j.db")
+    await journal.open()
+    modes = await journal._submit(lambda c: (c.execute("PRAGMA journal_mode").fetchone()[0],
+                                             c.execute("PRAGMA synchronous").fetchone()[0]))
+    await journal.close()
+
+    assert ("wal", 2) == modes
+
+
+async def test_recovery_queries_sent_attempts_before_anything_else(journal):
+    """On open, an attempt a crash left 'sent' is resolved by query before any new submit."""
+    clock = FakeClock()
+    await journal.open()
+    await journal.create(repayment(), None, clock.now())
+    reference = failover.make_reference(repayment().key, 1, "card")
+    await journal.begin_attempt(repayment().key, 1, "card", reference, clock.now())
+    await journal.close()
+    card = ScriptedChannel("card", queries=[ChannelResult.succeeded("card-77")])
+    backup = ScriptedChannel("backup")
+
+    async with failover.Router([card, backup], journal, clock=clock) as router:
+        await router.wait_recovered()
+        result = await router.get(repayment().key)
+
+    assert (RepaymentStatus.SUCCEEDED, "card-77") == (result.status, result.channel_reference)
+    assert (0, 0) == (card.submits, backup.submits)
+    assert Outcome.SUCCEEDED == result.attempts[0].resolution
+
+
+async def test_repay_joins_a_recovering_repayment(journal):
+    """A repay() of a key being recovered joins it instead of starting another."""
+    clock = FakeClock()
+    await journal.open()
+    await journal.create(repayment(), None, clock.now())
+    await journal.close()
+    card = ScriptedChannel("card")
+
+    async with failover.Router([card], journal, clock=clock) as router:
+        result = await router.repay(repayment())
+        await router.wait_recovered()
+
+    assert (RepaymentStatus.SUCCEEDED, 1) == (result.status, card.submits)
+
+
+async def test_pending_keys_by_reason(journal):
+    """pending_keys() lists PENDING repayments oldest first, optionally by reason."""
+    clock = FakeClock()
+    await journal.open()
+    for key in ("a", "b", "c"):
+        await journal.create(repayment(key=key), None, clock.now())
+        clock.advance(1)
+    await journal.set_pending("b", 1, PendingReason.AWAITING_CHANNEL, "card", "timeout",
+                              clock.now())
+    await journal.finish("c", 1, RepaymentStatus.FAILED, None, None, "x", clock.now())
+
+    assert ["a", "b"] == await journal.pending_keys()
+    assert ["b"] == await journal.pending_keys(PendingReason.AWAITING_CHANNEL)
+    await journal.close()
