@@ -331,8 +331,11 @@ class Router:
         key = task.get_name().removeprefix("failover:")
         if self._tasks.get(key) is task:
             del self._tasks[key]
-        if not task.cancelled() and task.exception() is not None:
-            _log.error("repayment %r stopped on an error", key, exc_info=task.exception())
+        if task.cancelled():
+            return
+        error = task.exception()  # retrieved here, so asyncio never warns it was not
+        if isinstance(error, Exception):
+            _log.error("repayment %r stopped on an error", key, exc_info=error)
 
     async def _drain(self, keys: Sequence[str]) -> list[RepaymentResult]:
         """Run ``keys`` with at most ``recovery_concurrency`` at a time."""
