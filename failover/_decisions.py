@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import enum
 
-from failover._models import Outcome
+from collections.abc import Iterable
+
+from failover._models import Attempt, Outcome
 
 
 class Verdict(enum.Enum):
@@ -112,3 +114,18 @@ def channel_end(last: Verdict, doubt: bool, called: bool) -> ChannelEnd:
 def refuses_again(outcome: Outcome | None, resolution: Outcome | None) -> bool:
     """Whether an earlier attempt rules its channel out for the rest of the round."""
     return Outcome.DECLINED in (outcome, resolution) or Outcome.REJECTED in (outcome, resolution)
+
+
+def decided_by(attempts: Iterable[Attempt]) -> tuple[Outcome, Attempt] | None:
+    """An answer already journaled that decides the repayment, if any.
+
+    A process can stop after journaling a channel's ``SUCCEEDED`` (or ``REJECTED``)
+    but before journaling the repayment's end; whoever resumes it must finish it
+    from that answer instead of trying another channel.
+    """
+    attempts = list(attempts)
+    for wanted in (Outcome.SUCCEEDED, Outcome.REJECTED):
+        for attempt in attempts:
+            if wanted in (attempt.outcome, attempt.resolution):
+                return wanted, attempt
+    return None

@@ -365,6 +365,14 @@ class Router:
             raise UnknownRepayment(key)
         if record.status is not RepaymentStatus.PENDING:
             return record.result()
+        decided = decide.decided_by(record.round_attempts())
+        if decided is not None:
+            outcome, attempt = decided
+            if outcome is Outcome.SUCCEEDED:
+                return await self._finish(record, RepaymentStatus.SUCCEEDED, attempt.channel,
+                                          attempt.channel_reference, None)
+            return await self._finish(record, RepaymentStatus.FAILED, attempt.channel, None,
+                                      attempt.code or "rejected")
         layout = self._layout
         settled = await self._settle_doubts(record, layout)
         if isinstance(settled, RepaymentResult):
@@ -394,7 +402,7 @@ class Router:
             verdict = decide.after_query(answer.outcome)
             if not decide.settles_doubt(verdict):
                 return await self._pending(record, channel, answer.code or "unknown")
-            await self._resolve(record, channel, reference, answer.outcome)
+            await self._resolve(record, channel, reference, answer)
             proved[channel] = answer.outcome
             if verdict is Verdict.COLLECTED:
                 return await self._finish(
@@ -516,7 +524,7 @@ class Router:
                 answer = await self._query(lane, request)
                 verdict = decide.after_query(answer.outcome)
             if run.doubt and decide.settles_doubt(verdict):
-                await self._resolve(record, lane.name, reference, answer.outcome)
+                await self._resolve(record, lane.name, reference, answer)
                 run.doubt = False
             run.last = verdict
             run.code = answer.code or result.code
@@ -568,10 +576,12 @@ class Router:
         return result
 
     async def _resolve(
-        self, record: Record, channel: str, reference: str, outcome: Outcome
+        self, record: Record, channel: str, reference: str, answer: ChannelResult
     ) -> None:
+        outcome = answer.outcome
         await self._journal.resolve_attempts(
-            record.key, record.round, reference, outcome, self._clock.now()
+            record.key, record.round, reference, outcome, self._clock.now(),
+            answer.channel_reference,
         )
         self._emit(AttemptResolved(record.key, channel, reference, outcome))
 

@@ -66,6 +66,34 @@ CONFIG = failover.RouterConfig.model_validate({
 SHM = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
 
 
+class CrashingJournal:
+    """Wraps a journal; when armed, the process "dies" right after the next write
+    (the write is durable, nothing after it happens): the crash points between
+    journal writes that channel faults alone cannot reach."""
+
+    WRITES = ("begin_attempt", "finish_attempt", "resolve_attempts", "set_pending", "finish")
+
+    def __init__(self, inner: failover.Journal) -> None:
+        self.inner = inner
+        self.armed_after: int | None = None
+
+    def __getattr__(self, name: str):
+        method = getattr(self.inner, name)
+        if name not in self.WRITES:
+            return method
+
+        async def write(*args, **kwargs):
+            value = await method(*args, **kwargs)
+            if self.armed_after is not None:
+                self.armed_after -= 1
+                if self.armed_after < 0:
+                    self.armed_after = None
+                    raise SimulatedCrash(f"crash after journal {name}")
+            return value
+
+        return write
+
+
 class RouterMachine(RuleBasedStateMachine):
     """Drives a Router like a busy payments service would, crashes included."""
 
@@ -98,8 +126,9 @@ class RouterMachine(RuleBasedStateMachine):
         return self.loop.run_until_complete(coroutine)
 
     def open_router(self) -> None:
+        self.crashing = CrashingJournal(self.journal)
         self.router = self.router_class(
-            list(self.channels.values()), self.journal, CONFIG,
+            list(self.channels.values()), self.crashing, CONFIG,
             clock=self.clock, sleep=self.clock.sleep,
         )
         self.run(self.router.open())
@@ -188,6 +217,13 @@ class RouterMachine(RuleBasedStateMachine):
     @rule()
     def crash(self) -> None:
         self.crash_and_restart()
+
+    @rule(writes=st.integers(0, 6), amount=st.integers(1, 500_000))
+    def submit_and_crash_between_writes(self, writes: int, amount: int) -> None:
+        """The process dies right after the n-th journal write of a new repayment."""
+        self.crashing.armed_after = writes
+        self.submit(amount)
+        self.crashing.armed_after = None
 
     @rule()
     def reconcile(self) -> None:

@@ -131,7 +131,8 @@ class Journal(Protocol):
     ) -> None: ...
 
     async def resolve_attempts(
-        self, key: str, round: int, reference: str, resolution: Outcome, now: datetime
+        self, key: str, round: int, reference: str, resolution: Outcome, now: datetime,
+        channel_reference: str | None = None,
     ) -> None:
         """Record what a query or definitive resubmit proved about every attempt in
         doubt with ``reference``."""

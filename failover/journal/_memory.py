@@ -75,11 +75,13 @@ class MemoryJournal:
         self._records[key] = dataclasses.replace(record, attempts=tuple(attempts), updated_at=now)
 
     async def resolve_attempts(
-        self, key: str, round: int, reference: str, resolution: Outcome, now: datetime
+        self, key: str, round: int, reference: str, resolution: Outcome, now: datetime,
+        channel_reference: str | None = None,
     ) -> None:
         record = self._get(key)
         attempts = tuple(
-            dataclasses.replace(a, resolution=resolution)
+            dataclasses.replace(a, resolution=resolution,
+                                channel_reference=channel_reference or a.channel_reference)
             if a.round == round and a.reference == reference and a.in_doubt
             else a
             for a in record.attempts

@@ -295,13 +295,16 @@ class SQLiteJournal:
         await self._submit(op)
 
     async def resolve_attempts(
-        self, key: str, round: int, reference: str, resolution: Outcome, now: datetime
+        self, key: str, round: int, reference: str, resolution: Outcome, now: datetime,
+        channel_reference: str | None = None,
     ) -> None:
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "UPDATE attempts SET resolution = ? WHERE key = ? AND round = ? AND reference = ?"
+                "UPDATE attempts SET resolution = ?,"
+                " channel_reference = COALESCE(?, channel_reference)"
+                " WHERE key = ? AND round = ? AND reference = ?"
                 " AND resolution IS NULL AND (outcome IS NULL OR outcome = 'unknown')",
-                (resolution.value, key, round, reference),
+                (resolution.value, channel_reference, key, round, reference),
             )
 
         await self._submit(op)
