@@ -7,7 +7,6 @@ decide.  Property tests and the table in DESIGN §1 drive them directly.
 from __future__ import annotations
 
 import enum
-
 from collections.abc import Iterable
 
 from failover._models import Attempt, Outcome

@@ -72,7 +72,8 @@ def test_sigkill_at_random_moments_loses_nothing_and_collects_nothing_twice(tmp_
     records = asyncio.run(results())
     outcome = audit({k: r.result() if r else None for k, r in records.items()},
                     [SQLiteLedger(ledger)])
-    print(f"{KILLS} kills, {interrupted_calls} attempts left "sent" (summed over kills); {outcome.summary()}")
+    print(f"{KILLS} kills, {interrupted_calls} attempts left 'sent' (summed over kills);"
+          f" {outcome.summary()}")
     assert interrupted_calls > 0, "no kill landed while a channel call was in flight"
     assert_invariants(outcome, allow_pending=False)
     assert REPAYMENTS == outcome.succeeded + outcome.failed

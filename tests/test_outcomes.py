@@ -178,7 +178,7 @@ async def test_pending_does_not_become_failed_as_time_passes(make_router, clock)
 
 
 async def test_unknown_on_idempotent_channel_resubmits_with_same_reference(make_router):
-    """UNKNOWN on an idempotent channel: after an inconclusive query, resubmit the same reference."""
+    """UNKNOWN on an idempotent channel: after an inconclusive query, resubmit the same ref."""
     primary = ScriptedChannel(
         "primary", [Collected(unknown("timeout"))], idempotent=True,
         queries=[unknown("query_timeout")] * 3,
