@@ -11,7 +11,7 @@ from pathlib import Path
 from random import Random
 from typing import TextIO
 
-from failover._models import Repayment, RepaymentResult, RepaymentStatus
+from failover._models import Repayment, RepaymentResult
 from failover._router import Router
 from failover.config import RouterConfig
 from failover.events import BreakerOpened, Event, FailedOver
