@@ -195,9 +195,11 @@ class ChannelResult:
 class Attempt:
     """One submit to one channel, as journaled.
 
-    ``outcome`` is what the call answered (``None`` while it is in the air, or
-    when a crash lost the answer); ``resolution`` is what a later status query
-    or a definitive resubmit with the same reference proved about it.
+    ``outcome`` is what the call answered: ``None`` while it is in the air or
+    when a crash lost the answer, until a status query resolves it (it then reads
+    ``UNKNOWN`` with code ``interrupted``).  ``resolution`` is what a status query
+    or a definitive resubmit with the same reference proved about an attempt whose
+    outcome was unknown.
     """
 
     channel: str

@@ -153,6 +153,8 @@ class Router:
                 f"configuration names channels the router does not have: {', '.join(unknown)}"
                 f" (channels: {', '.join(names)})"
             )
+        if not names:
+            raise ConfigError("a router needs at least one channel")
         layout = _Layout(config)
         for channel in self._channels:
             channel_config = config.channel(channel.name)

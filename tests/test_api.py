@@ -393,6 +393,12 @@ async def test_unknown_channel_in_config_is_an_error():
                         fast(wallet={"priority": 1}))
 
 
+def test_a_router_needs_a_channel():
+    """A router without channels is a configuration error, not a router that fails everything."""
+    with pytest.raises(ConfigError, match="at least one channel"):
+        failover.Router([], failover.MemoryJournal())
+
+
 async def test_config_priority_orders_channels():
     """Lower priority runs first; unconfigured channels follow in the order given."""
     channels = [ScriptedChannel(n) for n in ("a", "b", "c", "d")]

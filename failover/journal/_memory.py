@@ -80,8 +80,13 @@ class MemoryJournal:
     ) -> None:
         record = self._get(key)
         attempts = tuple(
-            dataclasses.replace(a, resolution=resolution,
-                                channel_reference=channel_reference or a.channel_reference)
+            dataclasses.replace(
+                a, resolution=resolution,
+                channel_reference=channel_reference or a.channel_reference,
+                # An attempt a crash left "sent" gets the outcome it really had: unknown.
+                outcome=a.outcome or Outcome.UNKNOWN,
+                code=a.code if a.outcome else "interrupted",
+            )
             if a.round == round and a.reference == reference and a.in_doubt
             else a
             for a in record.attempts

@@ -300,8 +300,11 @@ class SQLiteJournal:
     ) -> None:
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
+                # An attempt a crash left "sent" gets the outcome it really had: unknown.
                 "UPDATE attempts SET resolution = ?,"
-                " channel_reference = COALESCE(?, channel_reference)"
+                " channel_reference = COALESCE(?, channel_reference),"
+                " code = CASE WHEN outcome IS NULL THEN 'interrupted' ELSE code END,"
+                " outcome = COALESCE(outcome, 'unknown')"
                 " WHERE key = ? AND round = ? AND reference = ?"
                 " AND resolution IS NULL AND (outcome IS NULL OR outcome = 'unknown')",
                 (resolution.value, channel_reference, key, round, reference),
