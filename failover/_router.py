@@ -274,7 +274,8 @@ class Router:
             record.check_same(repayment)
             if record.status is not RepaymentStatus.PENDING:
                 return record.result()
-        return await self._join(record.key)
+            return await self._join(record.key)
+        return await self._join(record.key, record)
 
     async def get(self, key: str) -> RepaymentResult | None:
         """The current result of ``key``, or ``None`` if the journal does not hold it."""
@@ -320,10 +321,10 @@ class Router:
 
     # ---- the work -------------------------------------------------------------
 
-    async def _join(self, key: str) -> RepaymentResult:
+    async def _join(self, key: str, fresh: Record | None = None) -> RepaymentResult:
         task = self._tasks.get(key)
         if task is None:
-            task = asyncio.create_task(self._drive(key), name=f"failover:{key}")
+            task = asyncio.create_task(self._drive(key, fresh), name=f"failover:{key}")
             self._tasks[key] = task
             task.add_done_callback(self._forget)
         # The repayment carries on if the caller is cancelled.
@@ -361,8 +362,9 @@ class Router:
         if self._hooks:
             emit(self._hooks, event)
 
-    async def _drive(self, key: str) -> RepaymentResult:
-        record = await self._journal.load(key)
+    async def _drive(self, key: str, fresh: Record | None = None) -> RepaymentResult:
+        # A record just created needs no second read; any other is read afresh.
+        record = fresh or await self._journal.load(key)
         if record is None:
             raise UnknownRepayment(key)
         if record.status is not RepaymentStatus.PENDING:
@@ -506,7 +508,8 @@ class Router:
                 number = await self._journal.begin_attempt(
                     record.key, record.round, lane.name, reference, self._clock.now()
                 )
-                self._emit(AttemptStarted(record.key, lane.name, reference, number))
+                if self._hooks:
+                    self._emit(AttemptStarted(record.key, lane.name, reference, number))
                 started = self._clock.monotonic()
                 result = await invoke(lane.submit, request, lane.config.timeout_s)
             except BaseException:
@@ -516,10 +519,11 @@ class Router:
             run.called = True
             lane.breaker.record(permit, failed=breaker_failure(result.outcome))
             await self._journal.finish_attempt(record.key, number, result, self._clock.now())
-            self._emit(AttemptFinished(
-                record.key, lane.name, reference, result.outcome, result.code,
-                self._clock.monotonic() - started,
-            ))
+            if self._hooks:
+                self._emit(AttemptFinished(
+                    record.key, lane.name, reference, result.outcome, result.code,
+                    self._clock.monotonic() - started,
+                ))
             verdict, answer = self._submit_verdict(result.outcome), result
             if verdict is Verdict.NEEDS_QUERY:
                 run.doubt = True
@@ -534,26 +538,36 @@ class Router:
                 run.channel_reference = answer.channel_reference or result.channel_reference
             return verdict
 
-        def should_retry(state: RetryCallState) -> bool:
-            if state.outcome is None or state.outcome.failed:
-                return False  # errors from the journal or a crash are never retried
-            verdict: Verdict = state.outcome.result()
+        def wants_retry(verdict: Verdict, calls_made: int) -> bool:
             if not decide.may_retry_same(verdict, lane.idempotent):
                 return False
-            if state.attempt_number >= max_attempts or self._clock.monotonic() >= deadline:
+            if calls_made >= max_attempts or self._clock.monotonic() >= deadline:
                 return False
             if not self._budget.try_retry():
                 self._emit(RetryBudgetExhausted(record.key, lane.name))
                 return False
             return True
 
+        # The first call runs bare: most calls need no retry, and building a tenacity
+        # run costs more than the rest of the router's work on an instant channel.
+        if not wants_retry(await attempt(), 1):
+            return run
+
+        def should_retry(state: RetryCallState) -> bool:
+            if state.outcome is None or state.outcome.failed:
+                return False  # errors from the journal or a crash are never retried
+            return wants_retry(state.outcome.result(), state.attempt_number + 1)
+
+        policy = lane.config.retry
+        await self._sleep(policy.initial_backoff_s)
         # A fresh AsyncRetrying per call: a shared one mixes up concurrent repayments' state.
+        # It runs calls 2..max_attempts; its n-th wait follows call n + 1, hence 2 x initial.
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(max_attempts),
+            stop=stop_after_attempt(max_attempts - 1),
             wait=wait_exponential(
-                multiplier=lane.config.retry.initial_backoff_s,
-                min=lane.config.retry.initial_backoff_s,
-                max=lane.config.retry.max_backoff_s,
+                multiplier=2 * policy.initial_backoff_s,
+                min=policy.initial_backoff_s,
+                max=policy.max_backoff_s,
             ),
             retry=should_retry,
             sleep=self._sleep,
@@ -595,11 +609,12 @@ class Router:
             record.key, record.round, status, channel, channel_reference, code,
             self._clock.now(),
         )
-        attempts = len(final.round_attempts())
-        if status is RepaymentStatus.SUCCEEDED:
-            self._emit(RepaymentSucceeded(record.key, channel or "", attempts))
-        else:
-            self._emit(RepaymentFailed(record.key, code or "failed", attempts))
+        if self._hooks:
+            attempts = len(final.round_attempts())
+            if status is RepaymentStatus.SUCCEEDED:
+                self._emit(RepaymentSucceeded(record.key, channel or "", attempts))
+            else:
+                self._emit(RepaymentFailed(record.key, code or "failed", attempts))
         return final.result()
 
     async def _pending(self, record: Record, channel: str, code: str) -> RepaymentResult:

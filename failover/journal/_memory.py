@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from failover._errors import TerminalStateError, UnknownRepayment
@@ -17,12 +18,36 @@ from failover._models import (
 from failover.journal._base import JournalStats, Record, new_record
 
 
+@dataclass(slots=True)
+class _Row:
+    # Mutable inside the journal; callers only ever see frozen Records.
+    record: Record
+    status: RepaymentStatus
+    round: int
+    updated_at: datetime
+    attempts: list[Attempt] = field(default_factory=list)
+    ending: dict[str, object] = field(default_factory=dict)
+    snapshot: Record | None = None
+
+    def freeze(self) -> Record:
+        if self.snapshot is None:
+            self.snapshot = dataclasses.replace(
+                self.record, status=self.status, round=self.round, updated_at=self.updated_at,
+                attempts=tuple(self.attempts), **self.ending,  # type: ignore[arg-type]
+            )
+        return self.snapshot
+
+    def touch(self, now: datetime) -> None:
+        self.updated_at = now
+        self.snapshot = None
+
+
 class MemoryJournal:
     """Keeps records in a dict.  It outlives a router, so tests can "crash" a
     router (drop it unclosed) and open a new one on the same journal."""
 
     def __init__(self) -> None:
-        self._records: dict[str, Record] = {}
+        self._rows: dict[str, _Row] = {}
 
     async def open(self) -> None:
         return None
@@ -30,56 +55,55 @@ class MemoryJournal:
     async def close(self) -> None:
         return None
 
-    def _get(self, key: str) -> Record:
+    def _get(self, key: str) -> _Row:
         try:
-            return self._records[key]
+            return self._rows[key]
         except KeyError:
             raise UnknownRepayment(key) from None
 
     async def create(
         self, repayment: Repayment, preference: tuple[str, ...] | None, now: datetime
     ) -> tuple[Record, bool]:
-        existing = self._records.get(repayment.key)
+        existing = self._rows.get(repayment.key)
         if existing is not None:
-            return existing, False
+            return existing.freeze(), False
         record = new_record(repayment, preference, now)
-        self._records[record.key] = record
+        self._rows[record.key] = _Row(record, record.status, record.round, now,
+                                      snapshot=record)
         return record, True
 
     async def load(self, key: str) -> Record | None:
-        return self._records.get(key)
+        row = self._rows.get(key)
+        return None if row is None else row.freeze()
 
     async def begin_attempt(
         self, key: str, round: int, channel: str, reference: str, now: datetime
     ) -> int:
-        record = self._get(key)
-        attempt = Attempt(channel, reference, None, None, now, None, round=round)
-        self._records[key] = dataclasses.replace(
-            record, attempts=(*record.attempts, attempt), updated_at=now
-        )
-        return len(record.attempts) + 1
+        row = self._get(key)
+        row.attempts.append(Attempt(channel, reference, None, None, now, None, round=round))
+        row.touch(now)
+        return len(row.attempts)
 
     async def finish_attempt(
         self, key: str, number: int, result: ChannelResult, now: datetime
     ) -> None:
-        record = self._get(key)
-        attempts = list(record.attempts)
-        attempts[number - 1] = dataclasses.replace(
-            attempts[number - 1],
+        row = self._get(key)
+        row.attempts[number - 1] = dataclasses.replace(
+            row.attempts[number - 1],
             outcome=result.outcome,
             code=result.code,
             detail=result.detail,
             channel_reference=result.channel_reference,
             finished_at=now,
         )
-        self._records[key] = dataclasses.replace(record, attempts=tuple(attempts), updated_at=now)
+        row.touch(now)
 
     async def resolve_attempts(
         self, key: str, round: int, reference: str, resolution: Outcome, now: datetime,
         channel_reference: str | None = None,
     ) -> None:
-        record = self._get(key)
-        attempts = tuple(
+        row = self._get(key)
+        row.attempts = [
             dataclasses.replace(
                 a, resolution=resolution,
                 channel_reference=channel_reference or a.channel_reference,
@@ -89,65 +113,60 @@ class MemoryJournal:
             )
             if a.round == round and a.reference == reference and a.in_doubt
             else a
-            for a in record.attempts
-        )
-        self._records[key] = dataclasses.replace(record, attempts=attempts, updated_at=now)
+            for a in row.attempts
+        ]
+        row.touch(now)
 
-    def _pending(self, key: str, round: int) -> Record:
-        record = self._get(key)
-        if record.status is not RepaymentStatus.PENDING or record.round != round:
-            raise TerminalStateError(key, record.status.value)
-        return record
+    def _pending(self, key: str, round: int) -> _Row:
+        row = self._get(key)
+        if row.status is not RepaymentStatus.PENDING or row.round != round:
+            raise TerminalStateError(key, row.status.value)
+        return row
 
     async def set_pending(
         self, key: str, round: int, reason: PendingReason, channel: str | None,
         code: str | None, now: datetime,
     ) -> None:
-        record = self._pending(key, round)
-        self._records[key] = dataclasses.replace(
-            record, pending_reason=reason, pending_channel=channel, code=code, updated_at=now
-        )
+        row = self._pending(key, round)
+        row.ending = {"pending_reason": reason, "pending_channel": channel, "code": code}
+        row.touch(now)
 
     async def finish(
         self, key: str, round: int, status: RepaymentStatus, channel: str | None,
         channel_reference: str | None, code: str | None, now: datetime,
     ) -> Record:
-        record = self._pending(key, round)
-        record = dataclasses.replace(
-            record, status=status, channel=channel, channel_reference=channel_reference,
-            code=code, pending_reason=None, pending_channel=None, updated_at=now,
-        )
-        self._records[key] = record
-        return record
+        row = self._pending(key, round)
+        row.status = status
+        row.ending = {"channel": channel, "channel_reference": channel_reference, "code": code,
+                      "pending_reason": None, "pending_channel": None}
+        row.touch(now)
+        return row.freeze()
 
     async def new_round(self, key: str, now: datetime) -> Record:
-        record = self._get(key)
-        if record.status is not RepaymentStatus.FAILED:
-            raise TerminalStateError(key, record.status.value)
-        record = dataclasses.replace(
-            record, status=RepaymentStatus.PENDING, round=record.round + 1, channel=None,
-            channel_reference=None, code=None, pending_reason=PendingReason.IN_FLIGHT,
-            pending_channel=None, updated_at=now,
-        )
-        self._records[key] = record
-        return record
+        row = self._get(key)
+        if row.status is not RepaymentStatus.FAILED:
+            raise TerminalStateError(key, row.status.value)
+        row.status = RepaymentStatus.PENDING
+        row.round += 1
+        row.ending = {"pending_reason": PendingReason.IN_FLIGHT}
+        row.touch(now)
+        return row.freeze()
 
     async def pending_keys(self, reason: PendingReason | None = None) -> list[str]:
         pending = [
-            r for r in self._records.values()
-            if r.status is RepaymentStatus.PENDING
-            and (reason is None or r.pending_reason is reason)
+            row.freeze() for row in self._rows.values()
+            if row.status is RepaymentStatus.PENDING
         ]
+        pending = [r for r in pending if reason is None or r.pending_reason is reason]
         pending.sort(key=lambda r: r.created_at)
         return [r.key for r in pending]
 
     async def stats(self) -> JournalStats:
         by_status = dict.fromkeys(RepaymentStatus, 0)
         oldest: datetime | None = None
-        for record in self._records.values():
-            by_status[record.status] += 1
-            if record.status is RepaymentStatus.PENDING and (
-                oldest is None or record.created_at < oldest
-            ):
-                oldest = record.created_at
+        for row in self._rows.values():
+            by_status[row.status] += 1
+            created = row.record.created_at
+            if row.status is RepaymentStatus.PENDING and (oldest is None or created < oldest):
+                oldest = created
         return JournalStats(by_status, oldest)
