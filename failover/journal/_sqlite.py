@@ -4,8 +4,9 @@ All statements run on one worker thread that owns the connection.  Operations
 that arrive while a commit is being flushed wait in a queue and are written
 together in the next transaction (group commit): durability costs one fsync
 per batch, not one per write, and the event loop never blocks on the disk.
-Each operation runs inside its own savepoint, so one that fails (a terminal
-repayment asked to change) is rolled back alone while the batch commits.
+An operation that fails (a terminal repayment asked to change) fails alone
+while the batch commits: every operation checks before it writes, and writes
+with a single statement.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from failover._errors import JournalError, SchemaVersionError, TerminalStateError, UnknownRepayment
 from failover._models import (
@@ -206,15 +207,14 @@ class SQLiteJournal:
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 for operation, future in batch:
-                    conn.execute("SAVEPOINT op")
+                    # No savepoint per operation: each makes at most one write, after its
+                    # checks, and SQLite undoes a failed statement by itself, so a failing
+                    # operation leaves nothing behind and the batch commits the rest.
                     try:
                         value = operation(conn)
                     except Exception as exc:
-                        conn.execute("ROLLBACK TO op")
-                        conn.execute("RELEASE op")
                         outcomes.append((future, None, _translate(exc)))
                     else:
-                        conn.execute("RELEASE op")
                         outcomes.append((future, value, None))
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
@@ -224,8 +224,8 @@ class SQLiteJournal:
                 outcomes = [(future, None, failed) for _, future in batch]
             self.batches += 1
             self.operations += len(batch)
-            for future, value, error in outcomes:
-                loop.call_soon_threadsafe(_settle, future, value, error)
+            # One wake-up of the event loop per batch, not one per operation.
+            loop.call_soon_threadsafe(_settle_all, outcomes)
 
     async def _submit(self, operation: Callable[[sqlite3.Connection], T]) -> T:
         if self._thread is None or self._loop is None:
@@ -270,13 +270,11 @@ class SQLiteJournal:
     ) -> int:
         def op(conn: sqlite3.Connection) -> int:
             number: int = conn.execute(
-                "SELECT COALESCE(MAX(number), 0) + 1 FROM attempts WHERE key = ?", (key,)
-            ).fetchone()[0]
-            conn.execute(
                 "INSERT INTO attempts (key, number, round, channel, reference, started_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (key, number, round, channel, reference, _ts(now)),
-            )
+                " SELECT ?, COALESCE(MAX(number), 0) + 1, ?, ?, ?, ? FROM attempts WHERE key = ?"
+                " RETURNING number",
+                (key, round, channel, reference, _ts(now), key),
+            ).fetchone()[0]
             return number
 
         return await self._submit(op)
@@ -317,12 +315,13 @@ class SQLiteJournal:
         code: str | None, now: datetime,
     ) -> None:
         def op(conn: sqlite3.Connection) -> None:
-            _require_pending(conn, key, round)
-            conn.execute(
+            cursor = conn.execute(
                 "UPDATE repayments SET pending_reason = ?, pending_channel = ?, code = ?,"
-                " updated_at = ? WHERE key = ?",
-                (reason.value, channel, code, _ts(now), key),
+                " updated_at = ? WHERE key = ? AND status = 'pending' AND round = ?",
+                (reason.value, channel, code, _ts(now), key, round),
             )
+            if cursor.rowcount != 1:
+                _refuse(conn, key)
 
         await self._submit(op)
 
@@ -331,12 +330,14 @@ class SQLiteJournal:
         channel_reference: str | None, code: str | None, now: datetime,
     ) -> Record:
         def op(conn: sqlite3.Connection) -> Record:
-            _require_pending(conn, key, round)
-            conn.execute(
+            cursor = conn.execute(
                 "UPDATE repayments SET status = ?, channel = ?, channel_reference = ?, code = ?,"
-                " pending_reason = NULL, pending_channel = NULL, updated_at = ? WHERE key = ?",
-                (status.value, channel, channel_reference, code, _ts(now), key),
+                " pending_reason = NULL, pending_channel = NULL, updated_at = ?"
+                " WHERE key = ? AND status = 'pending' AND round = ?",
+                (status.value, channel, channel_reference, code, _ts(now), key, round),
             )
+            if cursor.rowcount != 1:
+                _refuse(conn, key)
             record = _load(conn, key)
             assert record is not None
             return record
@@ -388,6 +389,11 @@ class SQLiteJournal:
         return await self._submit(op)
 
 
+def _settle_all(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, value, error in outcomes:
+        _settle(future, value, error)
+
+
 def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
     if future.done():  # the caller was cancelled; the write happened anyway
         return
@@ -406,12 +412,12 @@ def _translate(exc: Exception) -> Exception:
     return exc
 
 
-def _require_pending(conn: sqlite3.Connection, key: str, round: int) -> None:
-    row = conn.execute("SELECT status, round FROM repayments WHERE key = ?", (key,)).fetchone()
+def _refuse(conn: sqlite3.Connection, key: str) -> NoReturn:
+    """Raise why a change to a pending repayment of this round matched no row."""
+    row = conn.execute("SELECT status FROM repayments WHERE key = ?", (key,)).fetchone()
     if row is None:
         raise UnknownRepayment(key)
-    if row[0] != RepaymentStatus.PENDING.value or row[1] != round:
-        raise TerminalStateError(key, row[0])
+    raise TerminalStateError(key, row[0])
 
 
 def _load(conn: sqlite3.Connection, key: str) -> Record | None:
