@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Coroutine, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from failover._models import Repayment, RepaymentResult
 from failover._router import Router
 from failover.config import RouterConfig
+from failover.journal._base import Journal
 
 T = TypeVar("T")
 
@@ -27,6 +29,17 @@ class BlockingRouter:
         self._router = Router(*args, **kwargs)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_config(
+        cls, config: str | Path | RouterConfig, *, journal: Journal, **kwargs: Any
+    ) -> BlockingRouter:
+        """Like ``Router.from_config``: channels built from the file's adapters."""
+        blocking = cls.__new__(cls)
+        blocking._router = Router.from_config(config, journal=journal, **kwargs)
+        blocking._loop = None
+        blocking._thread = None
+        return blocking
 
     @property
     def router(self) -> Router:

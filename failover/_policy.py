@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,7 +184,10 @@ class RetryBudget:
         return True
 
 
-async def invoke(call: Call, request: ChannelRequest, timeout_s: float) -> ChannelResult:
+async def invoke(
+    call: Call, request: ChannelRequest, timeout_s: float,
+    codes: Mapping[str, str] | None = None,
+) -> ChannelResult:
     """Call an adapter and turn whatever happens into a ``ChannelResult``.
 
     ``ChannelUnavailable`` means nothing was collected; a timeout or any other
@@ -194,14 +198,28 @@ async def invoke(call: Call, request: ChannelRequest, timeout_s: float) -> Chann
         async with asyncio.timeout(timeout_s):
             result = await call(request)
     except ChannelUnavailable as exc:
-        return ChannelResult.unavailable(exc.code, exc.detail)
+        result = ChannelResult.unavailable(exc.code, exc.detail)
     except TimeoutError:
+        # Our own codes (timeout, adapter_error, bad_result) are never remapped: the
+        # operator's map classifies what providers say, not what nobody heard.
         return ChannelResult.unknown("timeout", f"no answer within {timeout_s}s")
     except Exception as exc:
         return ChannelResult.unknown("adapter_error", f"{type(exc).__name__}: {exc}")
     if not isinstance(result, ChannelResult):
         return ChannelResult.unknown("bad_result", f"adapter returned {type(result).__name__}")
-    return result
+    return reclassify(result, codes) if codes else result
+
+
+def reclassify(result: ChannelResult, codes: Mapping[str, str]) -> ChannelResult:
+    """Apply an operator's code map (``[channels.X.codes]``) to an answer.
+
+    Only a listed code changes the outcome; an unlisted one keeps what the adapter
+    said, so an unrecognised error stays ``UNKNOWN``.
+    """
+    mapped = codes.get(result.code) if result.code is not None else None
+    if mapped is None or mapped == result.outcome.value:
+        return result
+    return dataclasses.replace(result, outcome=Outcome(mapped))
 
 
 def breaker_failure(outcome: Outcome) -> bool:

@@ -7,15 +7,19 @@ import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 from tenacity import AsyncRetrying, RetryCallState, stop_after_attempt, wait_exponential
 
 from failover import _decisions as decide
+from failover._adapters import build_channels
 from failover._channel import Call, Channel, as_async, check_channel
 from failover._clock import Clock, Sleep, SystemClock, real_sleep
 from failover._decisions import ChannelEnd, Verdict
+from failover._eligibility import BREAKER_OPEN, priority_order, refusal
+from failover._eligibility import Verdict as Eligibility
 from failover._errors import ConfigError, RouterClosedError, UnknownRepayment
 from failover._models import (
     ChannelRequest,
@@ -140,6 +144,21 @@ class Router:
 
     # ---- construction ------------------------------------------------------
 
+    @classmethod
+    def from_config(
+        cls, config: str | Path | RouterConfig, *, journal: Journal, **kwargs: Any
+    ) -> Self:
+        """Build a router whose channels come from the file's ``adapter`` and ``options``.
+
+        ``config`` is a path (TOML or YAML, with ``FAILOVER_*`` overrides) or a loaded
+        ``RouterConfig``.  The journal is never implied: pass ``SQLiteJournal(path)``.
+        """
+        source = "config"
+        if not isinstance(config, RouterConfig):
+            source = str(config)
+            config = RouterConfig.load(config)
+        return cls(build_channels(config, source), journal, config, **kwargs)
+
     def _build_layout(self, config: RouterConfig, breakers: dict[str, Breaker]) -> _Layout:
         names: list[str] = []
         for channel in self._channels:
@@ -168,12 +187,7 @@ class Router:
                 as_async(channel.submit), as_async(channel.query),
             )
 
-        def rank(item: tuple[int, str]) -> tuple[int, int]:
-            index, name = item
-            priority = config.channel(name).priority
-            return (0, priority) if priority is not None else (1, index)
-
-        layout.order = tuple(name for _, name in sorted(enumerate(names), key=rank))
+        layout.order = priority_order(config, names)
         return layout
 
     def reconfigure(self, config: RouterConfig) -> None:
@@ -436,19 +450,30 @@ class Router:
 
     def ineligible(self, lane: Lane, record: Record | Repayment) -> str | None:
         """Why ``lane`` cannot take this repayment now, or ``None``."""
-        config = lane.config
-        if not config.enabled:
-            return "disabled"
-        refusal = config.limits.refusal(record.amount, record.currency)
-        if refusal is not None:
-            return f"limits: {refusal}"
-        if config.maintenance:
-            now = self._clock.now()
-            if any(window.contains(now) for window in config.maintenance):
-                return "maintenance"
+        ruled_out = refusal(lane.config, record.amount, record.currency, self._clock.now())
+        if ruled_out is not None:
+            return f"{ruled_out[0]}: {ruled_out[1]}"
         if not lane.breaker.admits():
-            return "breaker_open"
+            return BREAKER_OPEN
         return None
+
+    def explain(
+        self, repayment: Repayment, *, channels: Sequence[str] | None = None
+    ) -> list[Eligibility]:
+        """The order this router would try channels for ``repayment`` now and, for each
+        channel it would skip, why (disabled, limits, maintenance, breaker_open)."""
+        layout = self._layout
+        names = self._check_preference(channels) or layout.order
+        verdicts = []
+        for name in names:
+            lane = layout.lanes[name]
+            ruled_out = refusal(lane.config, repayment.amount, repayment.currency,
+                                self._clock.now())
+            if ruled_out is None and not lane.breaker.admits():
+                ruled_out = (BREAKER_OPEN, f"circuit breaker {lane.breaker.state}")
+            reason, detail = ruled_out if ruled_out else (None, None)
+            verdicts.append(Eligibility(name, reason, detail))
+        return verdicts
 
     async def _pass(
         self, record: Record, layout: _Layout, proved: dict[str, Outcome]
@@ -511,7 +536,8 @@ class Router:
                 if self._hooks:
                     self._emit(AttemptStarted(record.key, lane.name, reference, number))
                 started = self._clock.monotonic()
-                result = await invoke(lane.submit, request, lane.config.timeout_s)
+                result = await invoke(lane.submit, request, lane.config.timeout_s,
+                                      lane.config.codes)
             except BaseException:
                 # Cancelled (or the process is going down): neither success nor failure.
                 lane.breaker.release(permit)
@@ -587,7 +613,7 @@ class Router:
             retry_error_callback=_last_result,
         )
         result: ChannelResult = await retrying(
-            invoke, lane.query, request, lane.config.timeout_s
+            invoke, lane.query, request, lane.config.timeout_s, lane.config.codes
         )
         return result
 

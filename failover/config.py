@@ -6,7 +6,9 @@ A TOML or YAML file and these models mirror each other (DESIGN §2,
 
 from __future__ import annotations
 
+import os
 import tomllib
+from collections.abc import Mapping
 from datetime import datetime, time, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -14,12 +16,17 @@ from typing import Any, Literal, Self
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from failover._currencies import MINOR_UNITS
 from failover._errors import ConfigError
 
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+CodeOutcome = Literal["succeeded", "declined", "rejected", "unavailable", "unknown"]
 _WEEKDAYS: tuple[Weekday, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_DAY_NAMES = {name: day for day in _WEEKDAYS for name in (day, {
+    "mon": "monday", "tue": "tuesday", "wed": "wednesday", "thu": "thursday", "fri": "friday",
+    "sat": "saturday", "sun": "sunday"}[day])}
 
 
 class _Model(BaseModel):
@@ -48,24 +55,11 @@ class BreakerConfig(_Model):
     reset_timeout_s: float = Field(default=30.0, gt=0)
 
 
-class LimitsConfig(_Model):
-    """Which repayments a channel may take."""
+class AmountLimits(_Model):
+    """Amount bounds, inclusive."""
 
-    currencies: tuple[str, ...] | None = None
-    """ISO 4217 codes the channel accepts; ``None`` means any."""
     min_amount: Decimal | None = Field(default=None, ge=0)
     max_amount: Decimal | None = Field(default=None, gt=0)
-
-    @field_validator("currencies")
-    @classmethod
-    def _known(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
-        if value is None:
-            return None
-        codes = tuple(code.upper() for code in value)
-        for code in codes:
-            if code not in MINOR_UNITS:
-                raise ValueError(f"unknown ISO 4217 currency code {code!r}")
-        return codes
 
     @model_validator(mode="after")
     def _ordered(self) -> Self:
@@ -80,30 +74,89 @@ class LimitsConfig(_Model):
         return self
 
     def refusal(self, amount: Decimal, currency: str) -> str | None:
-        """Why this repayment is outside the limits, or ``None`` if it is inside."""
-        if self.currencies is not None and currency not in self.currencies:
-            return f"currency {currency} not accepted"
         if self.min_amount is not None and amount < self.min_amount:
-            return f"amount {amount} below min_amount {self.min_amount}"
+            return f"amount {amount} {currency} below min_amount {self.min_amount}"
         if self.max_amount is not None and amount > self.max_amount:
-            return f"amount {amount} above max_amount {self.max_amount}"
+            return f"amount {amount} {currency} above max_amount {self.max_amount}"
         return None
 
 
+class LimitsConfig(AmountLimits):
+    """Which repayments a channel may take.
+
+    ``min_amount``/``max_amount`` apply to every currency without an entry in
+    ``amounts``; ``amounts.USD`` (say) sets the bounds for USD repayments.
+    """
+
+    currencies: tuple[str, ...] | None = None
+    """ISO 4217 codes the channel accepts; ``None`` means any."""
+    amounts: dict[str, AmountLimits] = Field(default_factory=dict)
+    """Per-currency amount bounds, by ISO 4217 code."""
+
+    @field_validator("amounts")
+    @classmethod
+    def _known_amount_codes(cls, value: dict[str, AmountLimits]) -> dict[str, AmountLimits]:
+        upper = {code.upper(): limits for code, limits in value.items()}
+        for code in upper:
+            if code not in MINOR_UNITS:
+                raise ValueError(f"unknown ISO 4217 currency code {code!r}")
+        return upper
+
+    @field_validator("currencies")
+    @classmethod
+    def _known(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        codes = tuple(code.upper() for code in value)
+        for code in codes:
+            if code not in MINOR_UNITS:
+                raise ValueError(f"unknown ISO 4217 currency code {code!r}")
+        return codes
+
+    def refusal(self, amount: Decimal, currency: str) -> str | None:
+        """Why this repayment is outside the limits, or ``None`` if it is inside."""
+        if self.currencies is not None and currency not in self.currencies:
+            return f"currency {currency} not accepted"
+        bounds = self.amounts.get(currency)
+        if bounds is not None:
+            return bounds.refusal(amount, currency)
+        return AmountLimits.refusal(self, amount, currency)
+
+
 class MaintenanceWindow(_Model):
-    """A recurring weekly window in a named time zone; ``end`` before ``start`` crosses midnight."""
+    """A window in which the channel is skipped.
+
+    Weekly: ``start``/``end`` are times of day in ``timezone`` on ``weekdays``; an
+    ``end`` before ``start`` crosses midnight (the part after midnight belongs to
+    the day the window started).  One-off: ``start``/``end`` are date-times; one
+    without a UTC offset is read in ``timezone``.  ``end`` is excluded.
+    """
 
     weekdays: tuple[Weekday, ...] = _WEEKDAYS
-    start: time
-    end: time
+    start: datetime | time
+    end: datetime | time
     timezone: str = "UTC"
 
     @field_validator("weekdays", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         if isinstance(value, list | tuple):
-            return tuple(str(day).lower()[:3] if isinstance(day, str) else day for day in value)
+            return tuple(_DAY_NAMES.get(day.lower(), day) if isinstance(day, str) else day
+                         for day in value)
         return value
+
+    @field_validator("start", "end", mode="before")
+    @classmethod
+    def _moment(cls, value: Any) -> Any:
+        # Parsed here so a bad value gets one message, not one per member of the union.
+        if not isinstance(value, str):
+            return value
+        try:
+            return time.fromisoformat(value) if len(value) <= 8 else datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(
+                f"{value!r} is neither a time of day (HH:MM) nor an ISO 8601 date-time"
+            ) from None
 
     @field_validator("timezone")
     @classmethod
@@ -115,13 +168,40 @@ class MaintenanceWindow(_Model):
         return value
 
     @model_validator(mode="after")
-    def _not_empty(self) -> Self:
-        if self.start == self.end:
+    def _consistent(self) -> Self:
+        one_off = isinstance(self.start, datetime)
+        if one_off != isinstance(self.end, datetime):
+            raise ValueError("start and end must both be times of day or both date-times")
+        if one_off:
+            if "weekdays" in self.model_fields_set:
+                raise ValueError("weekdays apply to weekly windows, not to date-times")
+            zone = ZoneInfo(self.timezone)
+            for name in ("start", "end"):
+                value = getattr(self, name)
+                if value.utcoffset() is None:
+                    object.__setattr__(self, name, value.replace(tzinfo=zone))
+            if self.end <= self.start:  # type: ignore[operator]
+                raise ValueError(f"end {self.end} is not after start {self.start}")
+        elif self.start == self.end:
             raise ValueError("start and end are equal: the window would be empty")
         return self
 
+    @property
+    def one_off(self) -> bool:
+        return isinstance(self.start, datetime)
+
+    def describe(self) -> str:
+        if isinstance(self.start, datetime):
+            return f"{self.start.isoformat()} to {self.end.isoformat()}"
+        days = ",".join(self.weekdays) if self.weekdays != _WEEKDAYS else "daily"
+        return f"{days} {self.start:%H:%M}-{self.end:%H:%M} {self.timezone}"
+
     def contains(self, moment: datetime) -> bool:
         """True if ``moment`` (timezone-aware) falls inside this window."""
+        if isinstance(self.start, datetime) and isinstance(self.end, datetime):
+            return self.start <= moment < self.end
+        assert isinstance(self.start, time)
+        assert isinstance(self.end, time)
         local = moment.astimezone(ZoneInfo(self.timezone))
         clock = local.time().replace(tzinfo=None)
         today = _WEEKDAYS[local.weekday()]
@@ -149,6 +229,17 @@ class ChannelConfig(_Model):
     breaker: BreakerConfig = BreakerConfig()
     limits: LimitsConfig = LimitsConfig()
     maintenance: tuple[MaintenanceWindow, ...] = ()
+    codes: dict[str, CodeOutcome] = Field(default_factory=dict)
+    """Provider code -> outcome, so operators can classify codes without code changes.
+    A code not listed keeps the outcome the adapter gave (an unrecognised error is
+    ``unknown``, never a failure)."""
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_form(cls, value: str | None) -> str | None:
+        if value is not None and (value.count(":") != 1 or not all(value.split(":"))):
+            raise ValueError(f"adapter must look like 'package.module:Class', got {value!r}")
+        return value
 
 
 class RetryBudgetConfig(_Model):
@@ -190,8 +281,9 @@ class RouterConfig(_Model):
         return self.channels.get(name) or ChannelConfig()
 
     @classmethod
-    def load(cls, path: str | Path) -> RouterConfig:
-        """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file.
+    def load(cls, path: str | Path, *, environ: Mapping[str, str] | None = None) -> RouterConfig:
+        """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file, then apply
+        ``FAILOVER_*`` environment variables on top of it (see ``env_overrides``).
 
         Raises ``ConfigError`` naming the file, the key path and the bad value.
         """
@@ -211,7 +303,10 @@ class RouterConfig(_Model):
             try:
                 data = yaml.safe_load(text) or {}
             except yaml.YAMLError as exc:
-                raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+                mark = getattr(exc, "problem_mark", None)
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                problem = getattr(exc, "problem", None) or "cannot parse"
+                raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from exc
         else:
             try:
                 data = tomllib.loads(text)
@@ -219,7 +314,12 @@ class RouterConfig(_Model):
                 raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a table of settings at the top level")
-        return cls.from_mapping(data, source=str(path))
+        overrides = env_overrides(os.environ if environ is None else environ)
+        source = str(path)
+        if overrides:
+            data = _merge(data, overrides)
+            source += " (with FAILOVER_ environment overrides)"
+        return cls.from_mapping(data, source=source)
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any], *, source: str = "config") -> RouterConfig:
@@ -230,15 +330,51 @@ class RouterConfig(_Model):
             raise ConfigError(format_validation_error(exc, source)) from exc
 
 
+class _EnvShape(BaseSettings):
+    """The top-level keys environment variables may set (values are validated later)."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    deadline_s: Any = None
+    channels: dict[str, Any] = {}
+    retry_budget: dict[str, Any] = {}
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Settings from ``FAILOVER_*`` variables, nested by ``__``.
+
+    ``FAILOVER_CHANNELS__AUTO_DEBIT__ENABLED=false`` gives
+    ``{"channels": {"auto_debit": {"enabled": False}}}``.  Names are lower-cased,
+    so channels meant to be set this way should have lower-case names.
+    """
+    source = EnvSettingsSource(
+        _EnvShape, case_sensitive=False, env_prefix="FAILOVER_", env_nested_delimiter="__",
+    )
+    source.env_vars = {k.lower(): v for k, v in environ.items()
+                       if k.upper().startswith("FAILOVER_")}
+    return {k: v for k, v in source().items() if v not in (None, {})}
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def format_validation_error(exc: ValidationError, source: str) -> str:
     """One line per problem: ``source: key.path: message (got value)``."""
     lines = []
     for error in exc.errors():
-        where = ".".join(str(part) for part in error["loc"]) or "(top level)"
-        message = error["msg"]
+        where = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown key"
         got = error.get("input")
-        shown = "" if isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"{source}: {where}: {message}{shown}")
+        quoted = isinstance(got, str) and repr(got) in message
+        shown = "" if isinstance(got, dict) or quoted else f" (got {got!r})"
+        lines.append(f"{source}: {where + ': ' if where else ''}{message}{shown}")
     return "\n".join(lines)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from failover._clock import Clock, Sleep, SystemClock, real_sleep
 from failover._errors import ChannelUnavailable
@@ -212,21 +212,29 @@ class SimulatedChannel:
 
     ``idempotent=True`` channels deduplicate submits by reference, as real
     gateways with idempotency keys do; others collect again on a second submit.
+    ``ledger`` may be a path: a ``SQLiteLedger`` there keeps the truth across
+    processes (so ``failover reconcile`` can ask a simulated channel later).
     """
 
     def __init__(
         self,
         name: str,
-        profile: FaultProfile | None = None,
+        profile: FaultProfile | Mapping[str, Any] | None = None,
         *,
         seed: int = 0,
         idempotent: bool = True,
         clock: Clock | None = None,
         sleep: Sleep | None = None,
-        ledger: Ledger | None = None,
+        ledger: Ledger | str | Path | None = None,
     ) -> None:
         self.name = name
         self.idempotent = idempotent
+        if isinstance(ledger, str | Path):  # from a config file's options: a ledger file
+            ledger = SQLiteLedger(ledger)
+        if isinstance(profile, Mapping):  # from a config file's options
+            fields = dict(profile)
+            fields["outages"] = tuple(tuple(w) for w in fields.get("outages", ()))
+            profile = FaultProfile(**fields)
         self.profile = profile or FaultProfile()
         self.clock = clock or SystemClock()
         self._sleep = sleep or getattr(clock, "sleep", None) or real_sleep
@@ -353,10 +361,12 @@ class ScriptedChannel:
         *,
         queries: Iterable[ScriptStep] = (),
         idempotent: bool = False,
-        ledger: Ledger | None = None,
+        ledger: Ledger | str | Path | None = None,
     ) -> None:
         self.name = name
         self.idempotent = idempotent
+        if isinstance(ledger, str | Path):  # from a config file's options: a ledger file
+            ledger = SQLiteLedger(ledger)
         self.ledger: Ledger = ledger if ledger is not None else MemoryLedger()
         self._submits = list(submits)
         self._queries = list(queries)

@@ -105,6 +105,29 @@ class JournalStats:
     oldest_pending: datetime | None
 
 
+@dataclass(frozen=True, slots=True)
+class Failover:
+    """A move from one channel to the next for a repayment, as the attempts show it."""
+
+    key: str
+    from_channel: str
+    to_channel: str
+    at: datetime
+
+
+def failovers_in(record: Record) -> list[Failover]:
+    """The channel changes in a record's attempts, round by round."""
+    moves = []
+    previous: Attempt | None = None
+    for attempt in record.attempts:
+        if previous is not None and previous.round == attempt.round \
+                and previous.channel != attempt.channel:
+            moves.append(Failover(record.key, previous.channel, attempt.channel,
+                                  attempt.started_at))
+        previous = attempt
+    return moves
+
+
 class Journal(Protocol):
     """The durable store behind a router.  All methods are coroutines."""
 
@@ -159,3 +182,7 @@ class Journal(Protocol):
         ...
 
     async def stats(self) -> JournalStats: ...
+
+    async def recent_failovers(self, limit: int = 10) -> list[Failover]:
+        """The latest channel changes, newest first."""
+        ...

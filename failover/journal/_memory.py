@@ -15,7 +15,7 @@ from failover._models import (
     Repayment,
     RepaymentStatus,
 )
-from failover.journal._base import JournalStats, Record, new_record
+from failover.journal._base import Failover, JournalStats, Record, failovers_in, new_record
 
 
 @dataclass(slots=True)
@@ -170,3 +170,8 @@ class MemoryJournal:
             if row.status is RepaymentStatus.PENDING and (oldest is None or created < oldest):
                 oldest = created
         return JournalStats(by_status, oldest)
+
+    async def recent_failovers(self, limit: int = 10) -> list[Failover]:
+        moves = [move for row in self._rows.values() for move in failovers_in(row.freeze())]
+        moves.sort(key=lambda move: move.at, reverse=True)
+        return moves[:limit]

@@ -31,7 +31,7 @@ from failover._models import (
     Repayment,
     RepaymentStatus,
 )
-from failover.journal._base import JournalStats, Record, new_record
+from failover.journal._base import Failover, JournalStats, Record, new_record
 
 SCHEMA_VERSION = 1
 _MAX_BATCH = 1024
@@ -385,6 +385,21 @@ class SQLiteJournal:
                 "SELECT MIN(created_at) FROM repayments WHERE status = 'pending'"
             ).fetchone()[0]
             return JournalStats(by_status, _dt(oldest))
+
+        return await self._submit(op)
+
+
+    async def recent_failovers(self, limit: int = 10) -> list[Failover]:
+        def op(conn: sqlite3.Connection) -> list[Failover]:
+            rows = conn.execute(
+                "SELECT key, previous, channel, started_at FROM ("
+                " SELECT key, channel, started_at, LAG(channel) OVER"
+                " (PARTITION BY key, round ORDER BY number) AS previous FROM attempts)"
+                " WHERE previous IS NOT NULL AND previous != channel"
+                " ORDER BY started_at DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+            return [Failover(r[0], r[1], r[2], datetime.fromisoformat(r[3])) for r in rows]
 
         return await self._submit(op)
 
