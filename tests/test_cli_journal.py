@@ -1,0 +1,178 @@
+"""The operator commands on a real SQLite journal: status, inspect, channels, reconcile."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import failover
+from failover.cli import main
+from failover.testing import FaultProfile, SimulatedChannel, SQLiteLedger
+
+from .conftest import repayment
+
+CONFIG = """
+[channels.primary]
+priority = 1
+adapter = "failover.testing:SimulatedChannel"
+options = {{ idempotent = false, ledger = "{ledger}" }}
+
+[channels.backup]
+priority = 2
+adapter = "failover.testing:SimulatedChannel"
+options = {{ idempotent = true, ledger = "{ledger}" }}
+"""
+
+
+@pytest.fixture
+def pending_journal(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A journal with 3 repayments PENDING on 'primary' (collected, queries failing),
+    1 that failed over to 'backup', and the config that heals them."""
+    journal, ledger = tmp_path / "journal.db", tmp_path / "ledger.db"
+    config = tmp_path / "failover.toml"
+    config.write_text(CONFIG.format(ledger=ledger))
+    in_doubt = FaultProfile(unknown_collected=1.0, query_failure=1.0)
+    primary = SimulatedChannel("primary", in_doubt, idempotent=False, ledger=SQLiteLedger(ledger))
+    backup = SimulatedChannel("backup", idempotent=True, ledger=SQLiteLedger(ledger))
+
+    async def fill() -> None:
+        async with failover.Router([primary, backup], failover.SQLiteJournal(journal),
+                                   sleep=_instant) as router:
+            for i in range(3):
+                await router.repay(repayment(key=f"pending-{i}"))
+            primary.profile = FaultProfile(unavailable=1.0)
+            await router.repay(repayment(key="moved"))
+
+    asyncio.run(fill())
+    return journal, ledger, config
+
+
+async def _instant(seconds: float) -> None:
+    return None
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_status_counts_pending_and_failovers(pending_journal, capsys):
+    """status shows counts by status, the pending ones and the recent failover."""
+    journal, _, _ = pending_journal
+
+    code, out, _ = run(capsys, "status", "--journal", str(journal), "--json")
+
+    data = json.loads(out)
+    assert 0 == code
+    assert {"pending": 3, "succeeded": 1, "failed": 0} == data["by_status"]
+    assert {"pending-0", "pending-1", "pending-2"} == {p["key"] for p in data["pending"]}
+    assert {("awaiting_channel", "primary")} == {(p["reason"], p["channel"])
+                                                 for p in data["pending"]}
+    assert [("moved", "primary", "backup")] == [(m["key"], m["from"], m["to"])
+                                                for m in data["recent_failovers"]]
+
+
+def test_status_as_a_table(pending_journal, capsys):
+    """Without --json, status prints readable lines."""
+    journal, _, _ = pending_journal
+
+    code, out, _ = run(capsys, "status", "--journal", str(journal))
+
+    assert 0 == code
+    assert "pending 3, succeeded 1, failed 0" in out
+    assert "recent failovers:" in out
+
+
+def test_inspect_shows_attempts_and_masks_the_account(pending_journal, capsys):
+    """inspect lists every attempt with outcome and resolution; the account is masked."""
+    journal, _, _ = pending_journal
+
+    code, out, _ = run(capsys, "inspect", "moved", "--journal", str(journal), "--json")
+
+    data = json.loads(out)
+    assert 0 == code
+    *before, last = [(a["channel"], a["outcome"]) for a in data["attempts"]]
+    assert ("backup", "succeeded") == last
+    assert before
+    assert {("primary", "unavailable")} == set(before)
+    assert "6222021234567890" not in out
+    assert data["account"].endswith("7890")
+
+
+def test_inspect_unknown_key_is_exit_1(pending_journal, capsys):
+    """inspect of a key the journal lacks exits 1 with a message."""
+    journal, _, _ = pending_journal
+
+    code, _, err = run(capsys, "inspect", "nope", "--journal", str(journal))
+
+    assert 1 == code
+    assert "no repayment 'nope'" in err
+
+
+def test_missing_journal_is_exit_2_and_creates_nothing(tmp_path, capsys):
+    """status on a path without a journal exits 2 and does not create one."""
+    code, _, err = run(capsys, "status", "--journal", str(tmp_path / "none.db"))
+
+    assert 2 == code
+    assert "no journal" in err
+    assert not (tmp_path / "none.db").exists()
+
+
+def test_reconcile_resolves_pending_against_the_channels(pending_journal, capsys):
+    """reconcile asks the channels (now answering) and settles every pending repayment;
+    the ledger shows each collected exactly once."""
+    journal, ledger, config = pending_journal
+
+    code, out, err = run(capsys, "reconcile", str(config), "--journal", str(journal), "--json")
+
+    data = json.loads(out)
+    assert 0 == code, err
+    assert {"succeeded": 3, "failed": 0, "pending": 0} == data["outcomes"]
+    keys = [c.repayment_key for c in SQLiteLedger(ledger).collections()]
+    assert sorted(["pending-0", "pending-1", "pending-2", "moved"]) == sorted(keys)
+
+
+def test_channels_explains_skips_at_a_moment(capsys):
+    """channels shows the order and the reason for each skipped channel at --at."""
+    example = Path(__file__).parent.parent / "examples" / "failover.toml"
+
+    code, out, _ = run(capsys, "channels", str(example), "--at", "2026-12-06T02:30+08:00",
+                       "--amount", "4000", "--currency", "USD", "--json")
+
+    data = json.loads(out)
+    assert 0 == code
+    assert ["wallet"] == data["order"]
+    assert {"auto_debit": "limits", "bank_card": "limits", "wallet": None} == {
+        c["channel"]: c["reason"] for c in data["channels"]}
+
+
+def test_channels_needs_an_offset(capsys):
+    """An --at without a UTC offset is refused with a hint, exit 2."""
+    example = Path(__file__).parent.parent / "examples" / "failover.toml"
+
+    code, _, err = run(capsys, "channels", str(example), "--at", "2026-12-06T02:30")
+
+    assert 2 == code
+    assert "UTC offset" in err
+
+
+def test_console_script_entry_point(tmp_path):
+    """The installed `failover` command runs (validate on the example file)."""
+    beside_python = Path(sys.executable).with_name("failover")
+    command = str(beside_python) if beside_python.exists() else shutil.which("failover")
+    if command is None:
+        pytest.skip("the failover console script is not installed on PATH")
+    example = Path(__file__).parent.parent / "examples" / "failover.toml"
+
+    done = subprocess.run([command, "validate", str(example)], capture_output=True, text=True,
+                          timeout=60)
+
+    assert 0 == done.returncode, done.stderr
+    assert "valid" in done.stdout
