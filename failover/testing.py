@@ -91,7 +91,9 @@ class FaultProfile:
     query_failure: float = 0.0
     """Share of status queries that fail (prove nothing)."""
     latency_s: float = 0.0
-    """Time each call takes, on the channel's clock."""
+    """Time each call takes to answer, on the channel's clock."""
+    jitter: float = 0.0
+    """Latency varies by up to this fraction either way (0.5: from 0.5x to 1.5x)."""
     outages: tuple[tuple[float, float], ...] = ()
     """(start, end) in the clock's monotonic seconds: every call fails as unavailable."""
     crash_before: float = 0.0
@@ -103,6 +105,7 @@ class FaultProfile:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and f.name != "latency_s" and not 0 <= value <= 1:
+                # jitter is a fraction too, so it shares the [0, 1] check
                 raise ValueError(f"{f.name} must be a probability in [0, 1], got {value}")
         total = (self.reject + self.decline + self.unavailable + self.unknown_collected
                  + self.unknown_not_collected + self.crash_before + self.crash_after)
@@ -111,7 +114,7 @@ class FaultProfile:
 
     def healed(self) -> FaultProfile:
         """The same latency, no faults."""
-        return FaultProfile(latency_s=self.latency_s)
+        return FaultProfile(latency_s=self.latency_s, jitter=self.jitter)
 
 
 class SimulatedCrash(BaseException):
@@ -240,6 +243,7 @@ class SimulatedChannel:
         self._sleep = sleep or getattr(clock, "sleep", None) or real_sleep
         self.ledger: Ledger = ledger if ledger is not None else MemoryLedger()
         self._rng = random.Random(f"{seed}/{name}")
+        self._latency_rng = random.Random(f"{seed}/{name}/latency")
         self._answers: dict[str, ChannelResult] = {}
         self._serial = 0
         self.submits = 0
@@ -261,13 +265,23 @@ class SimulatedChannel:
         ))
         return channel_reference
 
+    async def _delay(self, profile: FaultProfile) -> None:
+        if profile.latency_s:
+            spread = 1.0 + profile.jitter * (2 * self._latency_rng.random() - 1)
+            await self._sleep(profile.latency_s * spread)
+
     async def submit(self, request: ChannelRequest) -> ChannelResult:
+        """Decide, act (collect), then take ``latency_s`` to answer: a caller that gives
+        up while waiting has lost the answer to a call that may have collected."""
         self.submits += 1
         profile = self.profile
-        if profile.latency_s:
-            await self._sleep(profile.latency_s)
         if self.in_outage():
             raise ChannelUnavailable("outage", f"{self.name} is down")
+        answer = self._decide(profile, request)
+        await self._delay(profile)
+        return answer
+
+    def _decide(self, profile: FaultProfile, request: ChannelRequest) -> ChannelResult:
         if self.idempotent:
             done = self.ledger.find(self.name, request.reference)
             if done is not None:
@@ -311,8 +325,7 @@ class SimulatedChannel:
 
     async def query(self, request: ChannelRequest) -> ChannelResult:
         self.queries += 1
-        if self.profile.latency_s:
-            await self._sleep(self.profile.latency_s)
+        await self._delay(self.profile)
         if self.in_outage():
             raise ChannelUnavailable("outage", f"{self.name} is down")
         if self._rng.random() < self.profile.query_failure:
