@@ -8,11 +8,13 @@
     failover inspect KEY --journal PATH           one repayment's attempts
     failover reconcile CONFIG --journal PATH      resolve PENDING repayments now
     failover demo                                 a simulated day, audited
+    failover bench [SCENARIO ...]                 strategies compared on simulated scenarios
 
 Every command takes ``--json`` for scripts.
 
 Exit codes: 0 success; 1 the command ran and found a problem (the demo's audit
-failed, repayments are still pending after reconcile, no such repayment);
+failed, repayments are still pending after reconcile, no such repayment, the
+failover strategy lost or duplicated money in a bench scenario);
 2 bad usage or bad input (invalid config file, missing journal, bad option).
 """
 
@@ -329,6 +331,86 @@ def _demo(args: argparse.Namespace) -> int:
     return OK if report.audit_after.ok and report.audit_before.ok else PROBLEM
 
 
+# ---- bench ---------------------------------------------------------------------------------
+
+def _bench(args: argparse.Namespace) -> int:
+    from failover.bench import SCENARIOS, STRATEGIES, print_tables, run_bench, write_outputs
+    from failover.config import RouterConfig
+
+    unknown = [n for n in args.scenarios if n not in SCENARIOS]
+    if unknown:
+        raise _Abort(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+    if args.repayments < 1:
+        raise _Abort("--repayments must be at least 1")
+    config = RouterConfig.load(args.config) if args.config else None
+    names = args.scenarios or list(SCENARIOS)
+    total = len(names) * len(STRATEGIES)
+    with _progress(total, quiet=args.json) as step:
+        try:
+            results, data = run_bench(
+                names, config=config, config_name=str(args.config) if args.config else None,
+                seed=args.seed, repayments=args.repayments,
+                progress=lambda scenario, strategy: step(f"{scenario}/{strategy}"),
+            )
+        except ValueError as exc:
+            raise _Abort(str(exc)) from exc
+    written = write_outputs(results, data, args.out)
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print_tables(results, sys.stdout)
+        print(f"{data['elapsed_s']:.1f} s for {len(names)} scenario(s) x {len(STRATEGIES)}"
+              f" strategies, {args.repayments} repayments each, seed {args.seed}")
+        print("wrote " + ", ".join(str(p) for p in written))
+        if len(written) == 1:
+            print("(no plots: pip install 'failover[bench]' for matplotlib)")
+    bad = [(name, strategy) for name, scenario in data["scenarios"].items()
+           for strategy, m in scenario["strategies"].items()
+           if strategy == "failover" and (m["duplicates"] or m["lost"])]
+    return PROBLEM if bad else OK
+
+
+class _progress:
+    """A progress bar on stderr (rich's when installed), advanced by calling the step."""
+
+    def __init__(self, total: int, quiet: bool) -> None:
+        self.total, self.quiet, self.done = total, quiet, 0
+        self._bar: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> Callable[[str], None]:
+        if not self.quiet:
+            try:
+                from rich.progress import Progress
+
+                bar = Progress(console=_stderr_console(), transient=True)
+                bar.start()
+                self._task = bar.add_task("bench", total=self.total)
+                self._bar = bar
+            except ImportError:
+                self._bar = None
+        return self.step
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if self.quiet:
+            return
+        if self._bar is not None:
+            self._bar.update(self._task, advance=1, description=label)
+        else:
+            print(f"[{self.done}/{self.total}] {label}", file=sys.stderr)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(file=sys.stderr)
+
+
 # ---- wiring -------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -366,6 +448,19 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile = command("reconcile", _reconcile, "resolve PENDING repayments now")
     reconcile.add_argument("config", type=Path)
     reconcile.add_argument("--journal", type=Path, required=True)
+
+    bench = command("bench", _bench,
+                    "compare naive, retry-only and failover strategies on simulated scenarios")
+    bench.add_argument("scenarios", nargs="*", metavar="SCENARIO",
+                       help="steady outage brownout flapping ambiguous declines maintenance"
+                            " crash (default: all)")
+    bench.add_argument("--config", type=Path, default=None,
+                       help="your router config (channel names, priorities, policies)")
+    bench.add_argument("--seed", type=int, default=7, help="traffic and fault seed (default 7)")
+    bench.add_argument("--repayments", type=int, default=2000,
+                       help="repayments per scenario hour (default 2000)")
+    bench.add_argument("--out", type=Path, default=Path("bench-out"),
+                       help="folder for bench.json and the plots (default bench-out)")
 
     demo = command("demo", _demo, "run a simulated day of repayments and audit it")
     demo.add_argument("--repayments", type=int, default=3000, help="how many (default 3000)")

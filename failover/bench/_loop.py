@@ -50,11 +50,15 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         self._now += max(seconds, 0.0)
 
 
+START = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+"""The wall time simulated second 0 stands for (a Monday morning)."""
+
+
 class LoopClock:
     """A ``failover.Clock`` reading the running loop's (simulated) time."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop,
-                 start: datetime = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)) -> None:
+                 start: datetime = START) -> None:
         self._loop = loop
         self._start = start
 
