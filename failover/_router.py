@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -46,7 +46,7 @@ from failover.events import (
     RetryBudgetExhausted,
     emit,
 )
-from failover.journal._base import Journal, Record
+from failover.journal._base import Journal, Record, Resolution
 
 _log = logging.getLogger("failover")
 
@@ -95,6 +95,9 @@ class _ChannelRun:
     called: bool = False
     code: str | None = None
     channel_reference: str | None = None
+    attempt: tuple[int, ChannelResult] | None = None
+    """The deciding answer, written together with the repayment's end."""
+    resolution: Resolution | None = None
 
 
 @dataclass(slots=True)
@@ -140,6 +143,7 @@ class Router:
         self._budget = RetryBudget(config.retry_budget, self._clock)
         self._tasks: dict[str, asyncio.Task[RepaymentResult]] = {}
         self._recovery: asyncio.Task[list[RepaymentResult]] | None = None
+        self._watchers: list[set[str]] = []
         self._open = False
 
     # ---- construction ------------------------------------------------------
@@ -348,6 +352,8 @@ class Router:
         key = task.get_name().removeprefix("failover:")
         if self._tasks.get(key) is task:
             del self._tasks[key]
+        for ended in self._watchers:
+            ended.add(key)
         if task.cancelled():
             return
         error = task.exception()  # retrieved here, so asyncio never warns it was not
@@ -355,21 +361,38 @@ class Router:
             _log.error("repayment %r stopped on an error", key, exc_info=error)
 
     async def _drain(self, keys: Sequence[str]) -> list[RepaymentResult]:
-        """Run ``keys`` with at most ``recovery_concurrency`` at a time."""
+        """Run ``keys`` with at most ``recovery_concurrency`` at a time.
+
+        Records are read a chunk at a time (one journal read for many repayments). A
+        record read here is used only if no work on its key ended since the read;
+        otherwise the repayment reads its own.
+        """
         results: list[RepaymentResult] = []
-        queue = iter(keys)
+        ended: set[str] = set()
+        self._watchers.append(ended)
+        try:
+            step = max(4 * self._recovery_concurrency, 256)
+            for start in range(0, len(keys), step):
+                part = keys[start:start + step]
+                ended.clear()
+                records = await self._journal.load_many(part)
+                queue = iter(part)
 
-        async def worker() -> None:
-            for key in queue:
-                try:
-                    results.append(await self._join(key))
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    _log.exception("could not resume repayment %r", key)
+                async def worker(queue: Iterator[str] = queue,
+                                 records: dict[str, Record] = records) -> None:
+                    for key in queue:
+                        fresh = None if key in ended else records.pop(key, None)
+                        try:
+                            results.append(await self._join(key, fresh))
+                        except asyncio.CancelledError:
+                            raise
+                        except Exception:
+                            _log.exception("could not resume repayment %r", key)
 
-        workers = min(self._recovery_concurrency, len(keys))
-        await asyncio.gather(*(worker() for _ in range(workers)))
+                workers = min(self._recovery_concurrency, len(part))
+                await asyncio.gather(*(worker() for _ in range(workers)))
+        finally:
+            self._watchers.remove(ended)
         return results
 
     def _emit(self, event: Event) -> None:
@@ -420,12 +443,13 @@ class Router:
             verdict = decide.after_query(answer.outcome)
             if not decide.settles_doubt(verdict):
                 return await self._pending(record, channel, answer.code or "unknown")
-            await self._resolve(record, channel, reference, answer)
-            proved[channel] = answer.outcome
             if verdict is Verdict.COLLECTED:
                 return await self._finish(
-                    record, RepaymentStatus.SUCCEEDED, channel, answer.channel_reference, None
+                    record, RepaymentStatus.SUCCEEDED, channel, answer.channel_reference, None,
+                    resolution=self._resolution(record, channel, reference, answer),
                 )
+            await self._resolve(record, channel, reference, answer)
+            proved[channel] = answer.outcome
             if verdict is Verdict.STOP:
                 return await self._finish(
                     record, RepaymentStatus.FAILED, channel, None, answer.code or "rejected"
@@ -500,7 +524,8 @@ class Router:
             called_any = True
             if end is ChannelEnd.SUCCEEDED:
                 return await self._finish(
-                    record, RepaymentStatus.SUCCEEDED, lane.name, run.channel_reference, None
+                    record, RepaymentStatus.SUCCEEDED, lane.name, run.channel_reference, None,
+                    attempt=run.attempt, resolution=run.resolution,
                 )
             if end is ChannelEnd.FAILED:
                 return await self._finish(
@@ -544,19 +569,28 @@ class Router:
                 raise
             run.called = True
             lane.breaker.record(permit, failed=breaker_failure(result.outcome))
-            await self._journal.finish_attempt(record.key, number, result, self._clock.now())
+            verdict, answer = self._submit_verdict(result.outcome), result
+            if verdict is Verdict.COLLECTED:
+                # Written with the repayment's end, one journal write instead of two; a
+                # crash in between leaves the attempt "sent", and recovery asks the channel.
+                run.attempt = (number, result)
+            else:
+                await self._journal.finish_attempt(record.key, number, result,
+                                                   self._clock.now())
             if self._hooks:
                 self._emit(AttemptFinished(
                     record.key, lane.name, reference, result.outcome, result.code,
                     self._clock.monotonic() - started,
                 ))
-            verdict, answer = self._submit_verdict(result.outcome), result
             if verdict is Verdict.NEEDS_QUERY:
                 run.doubt = True
                 answer = await self._query(lane, request)
                 verdict = decide.after_query(answer.outcome)
             if run.doubt and decide.settles_doubt(verdict):
-                await self._resolve(record, lane.name, reference, answer)
+                if verdict is Verdict.COLLECTED:
+                    run.resolution = self._resolution(record, lane.name, reference, answer)
+                else:
+                    await self._resolve(record, lane.name, reference, answer)
                 run.doubt = False
             run.last = verdict
             run.code = answer.code or result.code
@@ -605,9 +639,14 @@ class Router:
     async def _query(self, lane: Lane, request: ChannelRequest) -> ChannelResult:
         """Ask a channel about a reference: bypasses the breaker, never trips it,
         a few quick retries while the answer proves nothing."""
+        first = await invoke(lane.query, request, lane.config.timeout_s, lane.config.codes)
+        if first.outcome.is_definitive or self._query_attempts <= 1:
+            return first
+        # As for submits, tenacity runs only once a retry is due: calls 2..query_attempts.
+        await self._sleep(self._query_backoff_s)
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self._query_attempts),
-            wait=wait_exponential(multiplier=self._query_backoff_s, max=1.0),
+            stop=stop_after_attempt(self._query_attempts - 1),
+            wait=wait_exponential(multiplier=2 * self._query_backoff_s, max=1.0),
             retry=_inconclusive,
             sleep=self._sleep,
             retry_error_callback=_last_result,
@@ -616,6 +655,12 @@ class Router:
             invoke, lane.query, request, lane.config.timeout_s, lane.config.codes
         )
         return result
+
+    def _resolution(
+        self, record: Record, channel: str, reference: str, answer: ChannelResult
+    ) -> Resolution:
+        self._emit(AttemptResolved(record.key, channel, reference, answer.outcome))
+        return Resolution(reference, answer.outcome, answer.channel_reference)
 
     async def _resolve(
         self, record: Record, channel: str, reference: str, answer: ChannelResult
@@ -630,10 +675,12 @@ class Router:
     async def _finish(
         self, record: Record, status: RepaymentStatus, channel: str | None,
         channel_reference: str | None, code: str | None,
+        *, attempt: tuple[int, ChannelResult] | None = None,
+        resolution: Resolution | None = None,
     ) -> RepaymentResult:
         final = await self._journal.finish(
             record.key, record.round, status, channel, channel_reference, code,
-            self._clock.now(),
+            self._clock.now(), attempt=attempt, resolution=resolution,
         )
         if self._hooks:
             attempts = len(final.round_attempts())

@@ -9,6 +9,7 @@ explicit new round).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -98,6 +99,15 @@ def new_record(
 
 
 @dataclass(frozen=True, slots=True)
+class Resolution:
+    """What a query or a definitive resubmit proved about the attempts with a reference."""
+
+    reference: str
+    outcome: Outcome
+    channel_reference: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class JournalStats:
     """Counts for dashboards and the ``failover status`` command."""
 
@@ -143,6 +153,10 @@ class Journal(Protocol):
 
     async def load(self, key: str) -> Record | None: ...
 
+    async def load_many(self, keys: Sequence[str]) -> dict[str, Record]:
+        """The records of those ``keys`` the journal holds (one read, for recovery)."""
+        ...
+
     async def begin_attempt(
         self, key: str, round: int, channel: str, reference: str, now: datetime
     ) -> int:
@@ -169,8 +183,16 @@ class Journal(Protocol):
     async def finish(
         self, key: str, round: int, status: RepaymentStatus, channel: str | None,
         channel_reference: str | None, code: str | None, now: datetime,
+        *, attempt: tuple[int, ChannelResult] | None = None,
+        resolution: Resolution | None = None,
     ) -> Record:
-        """Make the repayment terminal; ``TerminalStateError`` if it already is."""
+        """Make the repayment terminal; ``TerminalStateError`` if it already is.
+
+        ``attempt`` (number, answer) and ``resolution`` are written in the same
+        operation first, as ``finish_attempt`` and ``resolve_attempts`` would: the
+        answer that ends a repayment costs one journal write, not three.  They are
+        facts about attempts, true even if the repayment turns out finished already.
+        """
         ...
 
     async def new_round(self, key: str, now: datetime) -> Record:

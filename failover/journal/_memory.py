@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -15,7 +16,14 @@ from failover._models import (
     Repayment,
     RepaymentStatus,
 )
-from failover.journal._base import Failover, JournalStats, Record, failovers_in, new_record
+from failover.journal._base import (
+    Failover,
+    JournalStats,
+    Record,
+    Resolution,
+    failovers_in,
+    new_record,
+)
 
 
 @dataclass(slots=True)
@@ -76,10 +84,13 @@ class MemoryJournal:
         row = self._rows.get(key)
         return None if row is None else row.freeze()
 
+    async def load_many(self, keys: Sequence[str]) -> dict[str, Record]:
+        return {key: row.freeze() for key in keys if (row := self._rows.get(key)) is not None}
+
     async def begin_attempt(
         self, key: str, round: int, channel: str, reference: str, now: datetime
     ) -> int:
-        row = self._get(key)
+        row = self._pending(key, round)  # never an attempt for a finished repayment
         row.attempts.append(Attempt(channel, reference, None, None, now, None, round=round))
         row.touch(now)
         return len(row.attempts)
@@ -134,7 +145,14 @@ class MemoryJournal:
     async def finish(
         self, key: str, round: int, status: RepaymentStatus, channel: str | None,
         channel_reference: str | None, code: str | None, now: datetime,
+        *, attempt: tuple[int, ChannelResult] | None = None,
+        resolution: Resolution | None = None,
     ) -> Record:
+        if attempt is not None:
+            await self.finish_attempt(key, attempt[0], attempt[1], now)
+        if resolution is not None:
+            await self.resolve_attempts(key, round, resolution.reference, resolution.outcome,
+                                        now, resolution.channel_reference)
         row = self._pending(key, round)
         row.status = status
         row.ending = {"channel": channel, "channel_reference": channel_reference, "code": code,

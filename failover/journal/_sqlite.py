@@ -12,11 +12,12 @@ with a single statement.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -31,7 +32,7 @@ from failover._models import (
     Repayment,
     RepaymentStatus,
 )
-from failover.journal._base import Failover, JournalStats, Record, new_record
+from failover.journal._base import Failover, JournalStats, Record, Resolution, new_record
 
 SCHEMA_VERSION = 1
 _MAX_BATCH = 1024
@@ -161,6 +162,8 @@ class SQLiteJournal:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
+            # A larger page cache keeps a big journal's index pages in memory (64 MiB).
+            conn.execute("PRAGMA cache_size=-65536")
             if version == 0:
                 conn.execute("BEGIN IMMEDIATE")
                 if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
@@ -265,16 +268,29 @@ class SQLiteJournal:
     async def load(self, key: str) -> Record | None:
         return await self._submit(lambda conn: _load(conn, key))
 
+    async def load_many(self, keys: Sequence[str]) -> dict[str, Record]:
+        # SQLite allows 32766 parameters; recovery reads in chunks far below that.
+        found: dict[str, Record] = {}
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            found.update(await self._submit(functools.partial(_load_many, keys=chunk)))
+        return found
+
     async def begin_attempt(
         self, key: str, round: int, channel: str, reference: str, now: datetime
     ) -> int:
         def op(conn: sqlite3.Connection) -> int:
-            number: int = conn.execute(
+            # Never an attempt for a repayment that is finished (or in another round).
+            row = conn.execute(
                 "INSERT INTO attempts (key, number, round, channel, reference, started_at)"
                 " SELECT ?, COALESCE(MAX(number), 0) + 1, ?, ?, ?, ? FROM attempts WHERE key = ?"
-                " RETURNING number",
-                (key, round, channel, reference, _ts(now), key),
-            ).fetchone()[0]
+                " AND EXISTS (SELECT 1 FROM repayments WHERE key = ? AND status = 'pending'"
+                " AND round = ?) RETURNING number",
+                (key, round, channel, reference, _ts(now), key, key, round),
+            ).fetchone()
+            if row is None:
+                _refuse(conn, key)
+            number: int = row[0]
             return number
 
         return await self._submit(op)
@@ -282,33 +298,14 @@ class SQLiteJournal:
     async def finish_attempt(
         self, key: str, number: int, result: ChannelResult, now: datetime
     ) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "UPDATE attempts SET outcome = ?, code = ?, detail = ?, channel_reference = ?,"
-                " finished_at = ? WHERE key = ? AND number = ?",
-                (result.outcome.value, result.code, result.detail, result.channel_reference,
-                 _ts(now), key, number),
-            )
-
-        await self._submit(op)
+        await self._submit(lambda conn: _finish_attempt(conn, key, number, result, now))
 
     async def resolve_attempts(
         self, key: str, round: int, reference: str, resolution: Outcome, now: datetime,
         channel_reference: str | None = None,
     ) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                # An attempt a crash left "sent" gets the outcome it really had: unknown.
-                "UPDATE attempts SET resolution = ?,"
-                " channel_reference = COALESCE(?, channel_reference),"
-                " code = CASE WHEN outcome IS NULL THEN 'interrupted' ELSE code END,"
-                " outcome = COALESCE(outcome, 'unknown')"
-                " WHERE key = ? AND round = ? AND reference = ?"
-                " AND resolution IS NULL AND (outcome IS NULL OR outcome = 'unknown')",
-                (resolution.value, channel_reference, key, round, reference),
-            )
-
-        await self._submit(op)
+        settled = Resolution(reference, resolution, channel_reference)
+        await self._submit(lambda conn: _resolve(conn, key, round, settled))
 
     async def set_pending(
         self, key: str, round: int, reason: PendingReason, channel: str | None,
@@ -328,19 +325,25 @@ class SQLiteJournal:
     async def finish(
         self, key: str, round: int, status: RepaymentStatus, channel: str | None,
         channel_reference: str | None, code: str | None, now: datetime,
+        *, attempt: tuple[int, ChannelResult] | None = None,
+        resolution: Resolution | None = None,
     ) -> Record:
         def op(conn: sqlite3.Connection) -> Record:
-            cursor = conn.execute(
+            # Facts about attempts first: true whatever happens to the repayment update.
+            if attempt is not None:
+                _finish_attempt(conn, key, attempt[0], attempt[1], now)
+            if resolution is not None:
+                _resolve(conn, key, round, resolution)
+            row = conn.execute(
                 "UPDATE repayments SET status = ?, channel = ?, channel_reference = ?, code = ?,"
                 " pending_reason = NULL, pending_channel = NULL, updated_at = ?"
-                " WHERE key = ? AND status = 'pending' AND round = ?",
+                " WHERE key = ? AND status = 'pending' AND round = ?"
+                f" RETURNING {_RECORD_COLUMNS}",
                 (status.value, channel, channel_reference, code, _ts(now), key, round),
-            )
-            if cursor.rowcount != 1:
+            ).fetchone()
+            if row is None:
                 _refuse(conn, key)
-            record = _load(conn, key)
-            assert record is not None
-            return record
+            return _record(row, _attempts_of(conn, key))
 
         return await self._submit(op)
 
@@ -404,6 +407,30 @@ class SQLiteJournal:
         return await self._submit(op)
 
 
+def _finish_attempt(
+    conn: sqlite3.Connection, key: str, number: int, result: ChannelResult, now: datetime
+) -> None:
+    conn.execute(
+        "UPDATE attempts SET outcome = ?, code = ?, detail = ?, channel_reference = ?,"
+        " finished_at = ? WHERE key = ? AND number = ?",
+        (result.outcome.value, result.code, result.detail, result.channel_reference,
+         _ts(now), key, number),
+    )
+
+
+def _resolve(conn: sqlite3.Connection, key: str, round: int, settled: Resolution) -> None:
+    conn.execute(
+        # An attempt a crash left "sent" gets the outcome it really had: unknown.
+        "UPDATE attempts SET resolution = ?,"
+        " channel_reference = COALESCE(?, channel_reference),"
+        " code = CASE WHEN outcome IS NULL THEN 'interrupted' ELSE code END,"
+        " outcome = COALESCE(outcome, 'unknown')"
+        " WHERE key = ? AND round = ? AND reference = ?"
+        " AND resolution IS NULL AND (outcome IS NULL OR outcome = 'unknown')",
+        (settled.outcome.value, settled.channel_reference, key, round, settled.reference),
+    )
+
+
 def _settle_all(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
     for future, value, error in outcomes:
         _settle(future, value, error)
@@ -435,27 +462,25 @@ def _refuse(conn: sqlite3.Connection, key: str) -> NoReturn:
     raise TerminalStateError(key, row[0])
 
 
-def _load(conn: sqlite3.Connection, key: str) -> Record | None:
-    row = conn.execute(
-        "SELECT key, account, amount, currency, due_at, metadata, preference, status, round,"
-        " channel, channel_reference, code, pending_reason, pending_channel, created_at,"
-        " updated_at FROM repayments WHERE key = ?",
-        (key,),
-    ).fetchone()
-    if row is None:
-        return None
-    attempts = tuple(
-        Attempt(
-            channel=a[0], reference=a[1], outcome=_outcome(a[2]), code=a[3],
-            started_at=datetime.fromisoformat(a[4]), finished_at=_dt(a[5]), detail=a[6],
-            resolution=_outcome(a[7]), round=a[8], channel_reference=a[9],
-        )
-        for a in conn.execute(
-            "SELECT channel, reference, outcome, code, started_at, finished_at, detail,"
-            " resolution, round, channel_reference FROM attempts WHERE key = ? ORDER BY number",
-            (key,),
-        )
+_RECORD_COLUMNS = (
+    "key, account, amount, currency, due_at, metadata, preference, status, round, channel,"
+    " channel_reference, code, pending_reason, pending_channel, created_at, updated_at"
+)
+_ATTEMPT_COLUMNS = (
+    "channel, reference, outcome, code, started_at, finished_at, detail, resolution, round,"
+    " channel_reference"
+)
+
+
+def _attempt(a: tuple[Any, ...]) -> Attempt:
+    return Attempt(
+        channel=a[0], reference=a[1], outcome=_outcome(a[2]), code=a[3],
+        started_at=datetime.fromisoformat(a[4]), finished_at=_dt(a[5]), detail=a[6],
+        resolution=_outcome(a[7]), round=a[8], channel_reference=a[9],
     )
+
+
+def _record(row: tuple[Any, ...], attempts: tuple[Attempt, ...]) -> Record:
     return Record(
         key=row[0], account=row[1], amount=Decimal(row[2]), currency=row[3], due_at=_dt(row[4]),
         metadata=json.loads(row[5]),
@@ -465,3 +490,30 @@ def _load(conn: sqlite3.Connection, key: str) -> Record | None:
         pending_channel=row[13], created_at=datetime.fromisoformat(row[14]),
         updated_at=datetime.fromisoformat(row[15]), attempts=attempts,
     )
+
+
+def _attempts_of(conn: sqlite3.Connection, key: str) -> tuple[Attempt, ...]:
+    return tuple(_attempt(a) for a in conn.execute(
+        f"SELECT {_ATTEMPT_COLUMNS} FROM attempts WHERE key = ? ORDER BY number", (key,)))
+
+
+def _load(conn: sqlite3.Connection, key: str) -> Record | None:
+    row = conn.execute(
+        f"SELECT {_RECORD_COLUMNS} FROM repayments WHERE key = ?", (key,)
+    ).fetchone()
+    return None if row is None else _record(row, _attempts_of(conn, key))
+
+
+def _load_many(conn: sqlite3.Connection, keys: Sequence[str]) -> dict[str, Record]:
+    marks = ",".join("?" * len(keys))
+    attempts: dict[str, list[Attempt]] = {}
+    for a in conn.execute(
+        f"SELECT key, {_ATTEMPT_COLUMNS} FROM attempts WHERE key IN ({marks})"
+        " ORDER BY key, number", tuple(keys),
+    ):
+        attempts.setdefault(a[0], []).append(_attempt(a[1:]))
+    return {
+        row[0]: _record(row, tuple(attempts.get(row[0], ())))
+        for row in conn.execute(
+            f"SELECT {_RECORD_COLUMNS} FROM repayments WHERE key IN ({marks})", tuple(keys))
+    }
