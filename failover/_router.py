@@ -240,7 +240,8 @@ class Router:
         self._open = True
         keys = await self._journal.pending_keys(PendingReason.IN_FLIGHT)
         if keys:
-            self._recovery = asyncio.create_task(self._drain(keys), name="failover:recovery")
+            self._recovery = asyncio.create_task(self._drain(keys, keep=False),
+                                                 name="failover:recovery")
 
     async def close(self) -> None:
         """Cancel work in flight (recovered on the next open) and close the journal."""
@@ -360,12 +361,13 @@ class Router:
         if isinstance(error, Exception):
             _log.error("repayment %r stopped on an error", key, exc_info=error)
 
-    async def _drain(self, keys: Sequence[str]) -> list[RepaymentResult]:
+    async def _drain(self, keys: Sequence[str], keep: bool = True) -> list[RepaymentResult]:
         """Run ``keys`` with at most ``recovery_concurrency`` at a time.
 
         Records are read a chunk at a time (one journal read for many repayments). A
         record read here is used only if no work on its key ended since the read;
-        otherwise the repayment reads its own.
+        otherwise the repayment reads its own.  ``keep=False`` (recovery) keeps no
+        results, so recovering a million repayments does not hold a million results.
         """
         results: list[RepaymentResult] = []
         ended: set[str] = set()
@@ -383,7 +385,9 @@ class Router:
                     for key in queue:
                         fresh = None if key in ended else records.pop(key, None)
                         try:
-                            results.append(await self._join(key, fresh))
+                            result = await self._join(key, fresh)
+                            if keep:
+                                results.append(result)
                         except asyncio.CancelledError:
                             raise
                         except Exception:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -140,7 +141,8 @@ def plot(results: dict[str, tuple[Scenario, list[StrategyRun]]], out: Path) -> l
             top.plot(minutes, p99, color=colour, lw=0.8, ls=":", label=f"{run.strategy} p99")
         top.set_yscale("log")
         top.set_ylabel("latency (s), per minute")
-        top.set_title(f"{name}: {scenario.description}", fontsize=9, loc="left")
+        top.set_title(textwrap.fill(f"{name}: {scenario.description}", 110), fontsize=8,
+                      loc="left")
         top.legend(loc="upper left", fontsize=6, ncol=3)
         failover = next((r for r in runs if r.strategy == "failover"), None)
         states = {"closed": 0.0, "half-open": 0.5, "open": 1.0}

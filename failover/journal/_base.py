@@ -77,6 +77,8 @@ class Record:
                 raise IdempotencyConflict(self.key, field, shown(stored), shown(given))
 
     def round_attempts(self) -> tuple[Attempt, ...]:
+        if all(a.round == self.round for a in self.attempts):  # the usual case: one round
+            return self.attempts
         return tuple(a for a in self.attempts if a.round == self.round)
 
 

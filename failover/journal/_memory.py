@@ -39,9 +39,15 @@ class _Row:
 
     def freeze(self) -> Record:
         if self.snapshot is None:
-            self.snapshot = dataclasses.replace(
-                self.record, status=self.status, round=self.round, updated_at=self.updated_at,
-                attempts=tuple(self.attempts), **self.ending,  # type: ignore[arg-type]
+            # Built field by field: dataclasses.replace() is the slow part of this journal.
+            base, ending = self.record, self.ending
+            self.snapshot = Record(
+                base.key, base.account, base.amount, base.currency, base.due_at, base.metadata,
+                base.preference, self.status, self.round, base.created_at, self.updated_at,
+                ending.get("channel"), ending.get("channel_reference"),  # type: ignore[arg-type]
+                ending.get("code"),  # type: ignore[arg-type]
+                ending.get("pending_reason", base.pending_reason),  # type: ignore[arg-type]
+                ending.get("pending_channel"), tuple(self.attempts),  # type: ignore[arg-type]
             )
         return self.snapshot
 
@@ -99,13 +105,10 @@ class MemoryJournal:
         self, key: str, number: int, result: ChannelResult, now: datetime
     ) -> None:
         row = self._get(key)
-        row.attempts[number - 1] = dataclasses.replace(
-            row.attempts[number - 1],
-            outcome=result.outcome,
-            code=result.code,
-            detail=result.detail,
-            channel_reference=result.channel_reference,
-            finished_at=now,
+        sent = row.attempts[number - 1]
+        row.attempts[number - 1] = Attempt(
+            sent.channel, sent.reference, result.outcome, result.code, sent.started_at, now,
+            result.detail, sent.resolution, sent.round, result.channel_reference,
         )
         row.touch(now)
 
