@@ -209,6 +209,14 @@ class SQLiteLedger:
         self._conn.close()
 
 
+def _as_ledger(ledger: Ledger | str | Path | None) -> Ledger:
+    if ledger is None:
+        return MemoryLedger()
+    if isinstance(ledger, str | Path):  # from a config file's options: a ledger file
+        return SQLiteLedger(ledger)
+    return ledger
+
+
 class SimulatedChannel:
     """A channel that fails as its ``FaultProfile`` says and records in its ledger
     exactly what it collected.
@@ -232,8 +240,6 @@ class SimulatedChannel:
     ) -> None:
         self.name = name
         self.idempotent = idempotent
-        if isinstance(ledger, str | Path):  # from a config file's options: a ledger file
-            ledger = SQLiteLedger(ledger)
         if isinstance(profile, Mapping):  # from a config file's options
             fields = dict(profile)
             fields["outages"] = tuple(tuple(w) for w in fields.get("outages", ()))
@@ -241,7 +247,7 @@ class SimulatedChannel:
         self.profile = profile or FaultProfile()
         self.clock = clock or SystemClock()
         self._sleep = sleep or getattr(clock, "sleep", None) or real_sleep
-        self.ledger: Ledger = ledger if ledger is not None else MemoryLedger()
+        self.ledger = _as_ledger(ledger)
         self._rng = random.Random(f"{seed}/{name}")
         self._latency_rng = random.Random(f"{seed}/{name}/latency")
         self._answers: dict[str, ChannelResult] = {}
@@ -378,9 +384,7 @@ class ScriptedChannel:
     ) -> None:
         self.name = name
         self.idempotent = idempotent
-        if isinstance(ledger, str | Path):  # from a config file's options: a ledger file
-            ledger = SQLiteLedger(ledger)
-        self.ledger: Ledger = ledger if ledger is not None else MemoryLedger()
+        self.ledger = _as_ledger(ledger)
         self._submits = list(submits)
         self._queries = list(queries)
         self.requests: list[ChannelRequest] = []
