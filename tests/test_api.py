@@ -17,7 +17,7 @@ from failover import (
     Outcome,
     RepaymentStatus,
 )
-from failover.testing import HANG, Collected, ScriptedChannel
+from failover.testing import HANG, ScriptedChannel
 
 from .conftest import fast, repayment
 
@@ -208,17 +208,18 @@ async def test_repr_masks_the_account():
 
 async def test_cancelling_the_caller_does_not_cancel_the_repayment(make_router):
     """Cancelling repay() stops the wait; the repayment carries on and a later repay sees it."""
-    release = asyncio.Event()
+    release, entered = asyncio.Event(), asyncio.Event()
 
     class Slow(ScriptedChannel):
         async def submit(self, request):
+            entered.set()
             await release.wait()
             return await super().submit(request)
 
     slow = Slow("slow")
     router = await make_router([slow])
     caller = asyncio.create_task(router.repay(repayment()))
-    await asyncio.sleep(0.01)
+    await asyncio.wait_for(entered.wait(), 10)  # the channel call is under way
     caller.cancel()
     with pytest.raises(asyncio.CancelledError):
         await caller
@@ -232,11 +233,17 @@ async def test_cancelling_the_caller_does_not_cancel_the_repayment(make_router):
 async def test_closing_the_router_mid_call_leaves_it_for_recovery(make_router, journal):
     """Closing cancels work in flight without counting it against the breaker; the
     next open queries the attempt and finishes the repayment."""
-    hanging = ScriptedChannel("primary", [Collected(ChannelResult.unknown()), HANG])
-    hanging._submits = [HANG]
+    entered = asyncio.Event()
+
+    class Hanging(ScriptedChannel):
+        async def submit(self, request):
+            entered.set()
+            return await super().submit(request)
+
+    hanging = Hanging("primary", [HANG])
     router = await make_router([hanging])
     caller = asyncio.create_task(router.repay(repayment()))
-    await asyncio.sleep(0.01)
+    await asyncio.wait_for(entered.wait(), 10)  # the call is in the air
 
     await router.close()
     with pytest.raises(asyncio.CancelledError):

@@ -80,7 +80,11 @@ async def test_exactly_one_trial_call_while_half_open(make_router, clock):
     clock.advance(30)
 
     tasks = [asyncio.create_task(router.repay(repayment(key=f"k{i}"))) for i in range(10)]
-    await asyncio.sleep(0.05)
+    nine_done = asyncio.Event()
+    for task in tasks:
+        task.add_done_callback(
+            lambda _: nine_done.set() if sum(t.done() for t in tasks) >= 9 else None)
+    await asyncio.wait_for(nine_done.wait(), 10)  # the trial waits at the gate, the rest moved on
     gate.set()
     results = await asyncio.gather(*tasks)
 

@@ -139,8 +139,13 @@ async def test_reconfigure_under_load(journal):
     clock, ledger = FakeClock(), MemoryLedger()
     gate = asyncio.Event()
 
+    waiting, all_waiting = [], asyncio.Event()
+
     class Gated(failover.testing.SimulatedChannel):
         async def submit(self, request):
+            waiting.append(request.repayment_key)
+            if len(waiting) == 100:
+                all_waiting.set()
             await gate.wait()
             return await super().submit(request)
 
@@ -153,7 +158,7 @@ async def test_reconfigure_under_load(journal):
     async with failover.Router([a, b, c], journal, old, clock=clock, sleep=clock.sleep) as router:
         in_flight = [asyncio.create_task(router.repay(repayment(key=f"old-{i}")))
                      for i in range(100)]
-        await asyncio.sleep(0.05)  # all 100 are now waiting inside channel a
+        await asyncio.wait_for(all_waiting.wait(), 10)  # all 100 wait inside channel a
         router.reconfigure(new)
         fresh = await asyncio.gather(*(router.repay(repayment(key=f"new-{i}"))
                                        for i in range(100)))
