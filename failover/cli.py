@@ -171,12 +171,12 @@ def _channels(args: argparse.Namespace) -> int:
 
 # ---- status / inspect -------------------------------------------------------------------
 
-def _open_journal(path: Path) -> Any:
+def _open_journal(path: Path, read_only: bool = True) -> Any:
     from failover.journal import SQLiteJournal
 
     if not path.exists():
         raise _Abort(f"--journal: no journal at {path}")
-    return SQLiteJournal(path)
+    return SQLiteJournal(path, read_only=read_only)
 
 
 async def _status_data(path: Path, limit: int) -> dict[str, Any]:
@@ -281,7 +281,7 @@ def _inspect(args: argparse.Namespace) -> int:
 async def _reconcile_data(config_path: Path, journal_path: Path) -> dict[str, Any]:
     from failover._router import Router
 
-    journal = _open_journal(journal_path)
+    journal = _open_journal(journal_path, read_only=False)
     router = Router.from_config(config_path, journal=journal)
     async with router:
         await router.wait_recovered()

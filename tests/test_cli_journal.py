@@ -176,3 +176,27 @@ def test_console_script_entry_point(tmp_path):
 
     assert 0 == done.returncode, done.stderr
     assert "valid" in done.stdout
+
+
+def test_status_reads_while_the_service_runs_and_reconcile_is_refused(pending_journal, capsys):
+    """With a service holding the journal, status still reads it; reconcile is refused
+    (exit 2) instead of racing the service on the same repayments."""
+    journal, _, config = pending_journal
+
+    async def while_running() -> tuple[tuple[int, str, str], tuple[int, str, str]]:
+        service = failover.SQLiteJournal(journal)
+        await service.open()
+        try:
+            status = await asyncio.to_thread(run, capsys, "status", "--journal", str(journal))
+            reconcile = await asyncio.to_thread(run, capsys, "reconcile", str(config),
+                                                "--journal", str(journal))
+        finally:
+            await service.close()
+        return status, reconcile
+
+    (status_code, status_out, _), (code, _, err) = asyncio.run(while_running())
+
+    assert 0 == status_code
+    assert "pending 3" in status_out
+    assert 2 == code
+    assert "another process" in err

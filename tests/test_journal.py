@@ -154,3 +154,43 @@ async def test_pending_keys_by_reason(journal):
     assert ["a", "b"] == await journal.pending_keys()
     assert ["b"] == await journal.pending_keys(PendingReason.AWAITING_CHANNEL)
     await journal.close()
+
+
+async def test_a_second_writer_is_refused(tmp_path, clock):
+    """A writable SQLite journal serves one process: a second opener gets a clear error."""
+    path = tmp_path / "j.db"
+    async with failover.Router([ScriptedChannel("card")], failover.SQLiteJournal(path),
+                               clock=clock) as router:
+        await router.repay(repayment())
+
+        with pytest.raises(failover.JournalError, match="another process"):
+            await failover.SQLiteJournal(path).open()
+
+    second = failover.SQLiteJournal(path)  # free again once the owner closed it
+    await second.open()
+    await second.close()
+
+
+async def test_readers_open_beside_the_writer(tmp_path, clock):
+    """A read-only journal reads what the running owner committed."""
+    path = tmp_path / "j.db"
+    async with failover.Router([ScriptedChannel("card")], failover.SQLiteJournal(path),
+                               clock=clock) as router:
+        await router.repay(repayment())
+        reader = failover.SQLiteJournal(path, read_only=True)
+        await reader.open()
+        record = await reader.load(repayment().key)
+        with pytest.raises(failover.JournalError):
+            await reader.new_round(repayment().key, clock.now())
+        await reader.close()
+
+    assert RepaymentStatus.SUCCEEDED == record.status
+
+
+async def test_read_only_refuses_a_file_that_is_not_a_journal(tmp_path):
+    """Opening some other SQLite file read-only says it is not a journal."""
+    path = tmp_path / "other.db"
+    sqlite3.connect(path).execute("CREATE TABLE t (x)").connection.close()
+
+    with pytest.raises(failover.JournalError, match="not a failover journal"):
+        await failover.SQLiteJournal(path, read_only=True).open()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import queue
 import sqlite3
 import threading
@@ -22,6 +23,12 @@ from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
+from urllib.parse import quote
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 from failover._errors import JournalError, SchemaVersionError, TerminalStateError, UnknownRepayment
 from failover._models import (
@@ -111,9 +118,22 @@ def _outcome(value: str | None) -> Outcome | None:
 class SQLiteJournal:
     """A journal in one SQLite file (created if missing)."""
 
-    def __init__(self, path: str | Path, *, busy_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, path: str | Path, *, busy_timeout_s: float = 30.0, read_only: bool = False
+    ) -> None:
+        """``read_only`` opens an existing journal for reading (the ``status`` and
+        ``inspect`` commands) beside the process that owns it.
+
+        A writable journal belongs to one process at a time: opening it takes an
+        exclusive lock on ``PATH.lock``, so a second process (a second service
+        instance, or ``failover reconcile`` while the service runs) is refused rather
+        than racing it on the same repayments.  Several instances share work through
+        a journal with leases (PostgreSQL), not through one SQLite file.
+        """
         self.path = str(path)
+        self.read_only = read_only
         self._busy_timeout_s = busy_timeout_s
+        self._lock_fd: int | None = None
         self._queue: queue.SimpleQueue[
             tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]] | None
         ] = queue.SimpleQueue()
@@ -148,7 +168,56 @@ class SQLiteJournal:
         thread, self._thread = self._thread, None
         await asyncio.to_thread(thread.join)
 
+    def _take_lock(self) -> None:
+        if fcntl is None:  # pragma: no cover - not POSIX: no cross-process guard
+            return
+        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise JournalError(
+                f"journal {self.path!r} is open for writing in another process (pid {owner});"
+                " an SQLite journal serves one process"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the lock
+            self._lock_fd = None
+
     def _connect(self) -> sqlite3.Connection:
+        if self.read_only:
+            return self._connect_read_only()
+        self._take_lock()
+        try:
+            return self._connect_writable()
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(
+                f"file:{quote(self.path)}?mode=ro", uri=True, isolation_level=None,
+                timeout=self._busy_timeout_s, check_same_thread=False,
+            )
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise JournalError(f"cannot open journal {self.path!r}: {exc}") from exc
+        if version > SCHEMA_VERSION:
+            conn.close()
+            raise SchemaVersionError(self.path, version, SCHEMA_VERSION)
+        if version == 0:
+            conn.close()
+            raise JournalError(f"{self.path!r} is not a failover journal")
+        return conn
+
+    def _connect_writable(self) -> sqlite3.Connection:
         try:
             conn = sqlite3.connect(
                 self.path, isolation_level=None, timeout=self._busy_timeout_s,
@@ -188,6 +257,7 @@ class SQLiteJournal:
             self._serve(conn, loop)
         finally:
             conn.close()
+            self._release_lock()
 
     def _serve(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
         stopping = False
