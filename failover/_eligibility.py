@@ -19,7 +19,7 @@ LIMITS = "limits"
 
 
 @dataclass(frozen=True, slots=True)
-class Verdict:
+class Eligibility:
     """One channel's eligibility for one repayment at one moment."""
 
     channel: str
@@ -67,7 +67,7 @@ def explain(
     currency: str,
     now: datetime,
     breakers_open: Mapping[str, bool] | None = None,
-) -> list[Verdict]:
+) -> list[Eligibility]:
     """Every channel in priority order with its eligibility for this repayment now."""
     verdicts = []
     for name in priority_order(config, names):
@@ -75,5 +75,5 @@ def explain(
         if ruled_out is None and breakers_open and breakers_open.get(name):
             ruled_out = (BREAKER_OPEN, "circuit breaker open")
         reason, detail = ruled_out if ruled_out else (None, None)
-        verdicts.append(Verdict(name, reason, detail))
+        verdicts.append(Eligibility(name, reason, detail))
     return verdicts

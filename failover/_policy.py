@@ -165,6 +165,9 @@ class RetryBudget:
             while stamps and stamps[0] < horizon:
                 stamps.popleft()
 
+    def reconfigure(self, config: RetryBudgetConfig) -> None:
+        self._config = config
+
     def record_call(self) -> None:
         now = self._clock.monotonic()
         self._prune(now)

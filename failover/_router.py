@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -18,8 +18,7 @@ from failover._adapters import build_channels
 from failover._channel import Call, Channel, as_async, check_channel
 from failover._clock import Clock, Sleep, SystemClock, real_sleep
 from failover._decisions import ChannelEnd, Verdict
-from failover._eligibility import BREAKER_OPEN, priority_order, refusal
-from failover._eligibility import Verdict as Eligibility
+from failover._eligibility import BREAKER_OPEN, Eligibility, priority_order, refusal
 from failover._errors import ConfigError, RouterClosedError, UnknownRepayment
 from failover._models import (
     ChannelRequest,
@@ -202,7 +201,7 @@ class Router:
         """
         breakers = {name: lane.breaker for name, lane in self._layout.lanes.items()}
         self._layout = self._build_layout(config, breakers)
-        self._budget._config = config.retry_budget
+        self._budget.reconfigure(config.retry_budget)
 
     @property
     def config(self) -> RouterConfig:
@@ -716,5 +715,3 @@ def _inconclusive(state: RetryCallState) -> bool:
     result: ChannelResult = state.outcome.result()
     return not result.outcome.is_definitive
 
-
-AsyncCall = Callable[..., Awaitable[Any]]
