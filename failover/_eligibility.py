@@ -5,7 +5,7 @@ Plain functions over configuration, shared by the router and ``failover channels
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -33,17 +33,23 @@ class Eligibility:
 
 
 def refusal(
-    config: ChannelConfig, amount: Decimal, currency: str, now: datetime
+    config: ChannelConfig, amount: Decimal, currency: str,
+    now: datetime | Callable[[], datetime],
 ) -> tuple[str, str] | None:
-    """Why the configuration rules the channel out, as (reason, detail), or ``None``."""
+    """Why the configuration rules the channel out, as (reason, detail), or ``None``.
+
+    ``now`` may be a clock function: it is read only if the channel has windows.
+    """
     if not config.enabled:
         return DISABLED, "enabled = false"
     limit = config.limits.refusal(amount, currency)
     if limit is not None:
         return LIMITS, limit
-    for window in config.maintenance:
-        if window.contains(now):
-            return MAINTENANCE, window.describe()
+    if config.maintenance:
+        moment = now() if callable(now) else now
+        for window in config.maintenance:
+            if window.contains(moment):
+                return MAINTENANCE, window.describe()
     return None
 
 

@@ -32,6 +32,8 @@ class Permit:
     """Leave to make one call through a breaker."""
 
     trial: bool
+    used: bool = False
+    """Set once a call was made with it (so it is recorded, not released)."""
 
 
 class Breaker:

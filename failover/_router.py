@@ -29,7 +29,7 @@ from failover._models import (
     RepaymentResult,
     RepaymentStatus,
 )
-from failover._policy import Breaker, RetryBudget, breaker_failure, invoke
+from failover._policy import Breaker, Permit, RetryBudget, breaker_failure, invoke
 from failover.config import ChannelConfig, RouterConfig
 from failover.events import (
     AttemptFinished,
@@ -83,6 +83,15 @@ class Lane:
     @property
     def idempotent(self) -> bool:
         return bool(getattr(self.channel, "idempotent", False))
+
+
+@dataclass(slots=True)
+class _Opening:
+    """The first call of a new repayment, its attempt journaled with the intent."""
+
+    lane: Lane
+    permit: Permit
+    number: int = 1
 
 
 @dataclass(slots=True)
@@ -287,13 +296,40 @@ class Router:
         if not isinstance(repayment, Repayment):
             raise TypeError(f"repay() takes a failover.Repayment, not {type(repayment).__name__}")
         preference = self._check_preference(channels)
-        record, created = await self._journal.create(repayment, preference, self._clock.now())
+        opening = self._opening(repayment, preference)
+        first = None
+        if opening is not None:
+            first = (opening.lane.name, make_reference(repayment.key, 1, opening.lane.name))
+        try:
+            # The intent and, for a new key, the first attempt "sent": one journal write.
+            record, created = await self._journal.create(
+                repayment, preference, self._clock.now(), first_attempt=first
+            )
+        except BaseException:
+            if opening is not None:
+                opening.lane.breaker.release(opening.permit)
+            raise
         if not created:
+            if opening is not None:
+                opening.lane.breaker.release(opening.permit)
             record.check_same(repayment)
             if record.status is not RepaymentStatus.PENDING:
                 return record.result()
             return await self._join(record.key)
-        return await self._join(record.key, record)
+        return await self._join(record.key, record, opening)
+
+    def _opening(
+        self, repayment: Repayment, preference: tuple[str, ...] | None
+    ) -> _Opening | None:
+        """The channel a new repayment would call first, with its breaker permit."""
+        layout = self._layout
+        for name in preference if preference is not None else layout.order:
+            lane = layout.lanes[name]
+            if self.ineligible(lane, repayment) is None:
+                permit = lane.breaker.acquire()
+                if permit is not None:
+                    return _Opening(lane, permit)
+        return None
 
     async def get(self, key: str) -> RepaymentResult | None:
         """The current result of ``key``, or ``None`` if the journal does not hold it."""
@@ -339,10 +375,12 @@ class Router:
 
     # ---- the work -------------------------------------------------------------
 
-    async def _join(self, key: str, fresh: Record | None = None) -> RepaymentResult:
+    async def _join(
+        self, key: str, fresh: Record | None = None, opening: _Opening | None = None
+    ) -> RepaymentResult:
         task = self._tasks.get(key)
         if task is None:
-            task = asyncio.create_task(self._drive(key, fresh), name=f"failover:{key}")
+            task = asyncio.create_task(self._drive(key, fresh, opening), name=f"failover:{key}")
             self._tasks[key] = task
             task.add_done_callback(self._forget)
         # The repayment carries on if the caller is cancelled.
@@ -395,14 +433,18 @@ class Router:
                 workers = min(self._recovery_concurrency, len(part))
                 await asyncio.gather(*(worker() for _ in range(workers)))
         finally:
-            self._watchers.remove(ended)
+            # By identity: two drains' sets can be equal (both empty), list.remove would
+            # take the wrong one.
+            self._watchers = [w for w in self._watchers if w is not ended]
         return results
 
     def _emit(self, event: Event) -> None:
         if self._hooks:
             emit(self._hooks, event)
 
-    async def _drive(self, key: str, fresh: Record | None = None) -> RepaymentResult:
+    async def _drive(
+        self, key: str, fresh: Record | None = None, opening: _Opening | None = None
+    ) -> RepaymentResult:
         # A record just created needs no second read; any other is read afresh.
         record = fresh or await self._journal.load(key)
         if record is None:
@@ -418,6 +460,12 @@ class Router:
             return await self._finish(record, RepaymentStatus.FAILED, attempt.channel, None,
                                       attempt.code or "rejected")
         layout = self._layout
+        if opening is not None:  # a new repayment: its only attempt is about to be made
+            try:
+                return await self._pass(record, layout, {}, opening)
+            finally:
+                if not opening.permit.used:
+                    opening.lane.breaker.release(opening.permit)
         settled = await self._settle_doubts(record, layout)
         if isinstance(settled, RepaymentResult):
             return settled
@@ -460,24 +508,25 @@ class Router:
         return proved
 
     def _pass_order(
-        self, record: Record, layout: _Layout, proved: dict[str, Outcome]
+        self, record: Record, layout: _Layout, proved: dict[str, Outcome], fresh: bool = False
     ) -> list[Lane]:
         """Channels for a new pass: the preference (or priority) order, without
         channels that declined or rejected this round; channels already tried
-        without an answer go last, so failover moves on to the next channel."""
+        without an answer go last, so failover moves on to the next channel.
+        A ``fresh`` repayment's only attempt is the opening one, not yet made."""
         names = record.preference if record.preference is not None else layout.order
+        earlier = () if fresh else record.round_attempts()
         refused = {
-            a.channel for a in record.round_attempts()
-            if decide.refuses_again(a.outcome, a.resolution)
+            a.channel for a in earlier if decide.refuses_again(a.outcome, a.resolution)
         } | {name for name, outcome in proved.items() if decide.refuses_again(outcome, None)}
-        tried = {a.channel for a in record.round_attempts()}
+        tried = {a.channel for a in earlier}
         lanes = [layout.lanes[n] for n in names if n in layout.lanes and n not in refused]
         lanes.sort(key=lambda lane: lane.name in tried)
         return lanes
 
     def ineligible(self, lane: Lane, record: Record | Repayment) -> str | None:
         """Why ``lane`` cannot take this repayment now, or ``None``."""
-        ruled_out = refusal(lane.config, record.amount, record.currency, self._clock.now())
+        ruled_out = refusal(lane.config, record.amount, record.currency, self._clock.now)
         if ruled_out is not None:
             return f"{ruled_out[0]}: {ruled_out[1]}"
         if not lane.breaker.admits():
@@ -503,23 +552,34 @@ class Router:
         return verdicts
 
     async def _pass(
-        self, record: Record, layout: _Layout, proved: dict[str, Outcome]
+        self, record: Record, layout: _Layout, proved: dict[str, Outcome],
+        opening: _Opening | None = None,
     ) -> RepaymentResult:
-        """One pass over the eligible channels, each tried at most once (with retries)."""
+        """One pass over the eligible channels, each tried at most once (with retries).
+
+        With an ``opening`` the pass starts at its channel, whose attempt is journaled
+        already; the channels before it were found ineligible when it was chosen.
+        """
         deadline = self._clock.monotonic() + layout.config.deadline_s
         previous: str | None = None
         last_code: str | None = None
         called_any = False
-        for lane in self._pass_order(record, layout, proved):
-            reason = self.ineligible(lane, record)
-            if reason is not None:
-                self._emit(ChannelSkipped(record.key, lane.name, reason))
+        for lane in self._pass_order(record, layout, proved, fresh=opening is not None):
+            if opening is not None and lane is not opening.lane:
+                self._emit(ChannelSkipped(record.key, lane.name, "ineligible"))
                 continue
-            if self._clock.monotonic() >= deadline:
-                return await self._finish(record, RepaymentStatus.FAILED, None, None, DEADLINE)
+            if opening is None:
+                reason = self.ineligible(lane, record)
+                if reason is not None:
+                    self._emit(ChannelSkipped(record.key, lane.name, reason))
+                    continue
+                if self._clock.monotonic() >= deadline:
+                    return await self._finish(record, RepaymentStatus.FAILED, None, None,
+                                              DEADLINE)
             if previous is not None:
                 self._emit(FailedOver(record.key, previous, lane.name, last_code or "failed"))
-            run = await self._try_channel(record, lane, deadline)
+            run = await self._try_channel(record, lane, deadline, opening)
+            opening = None
             end = decide.channel_end(run.last, run.doubt, run.called)
             if end is ChannelEnd.SKIPPED:
                 self._emit(ChannelSkipped(record.key, lane.name, "breaker_open"))
@@ -544,7 +604,9 @@ class Router:
         # A seam for the mutation test, which swaps in a router that fails over on UNKNOWN.
         return decide.after_submit(outcome)
 
-    async def _try_channel(self, record: Record, lane: Lane, deadline: float) -> _ChannelRun:
+    async def _try_channel(
+        self, record: Record, lane: Lane, deadline: float, opening: _Opening | None = None
+    ) -> _ChannelRun:
         """Try one channel with its retry policy; the reference is the same for every call."""
         reference = make_reference(record.key, record.round, lane.name)
         request = self._request(record, reference)
@@ -553,14 +615,21 @@ class Router:
         self._budget.record_call()
 
         async def attempt() -> Verdict:
-            permit = lane.breaker.acquire()
-            if permit is None:
-                run.last = Verdict.SKIPPED
-                return run.last
+            nonlocal opening
+            if opening is not None:  # journaled with the intent; its permit is held
+                permit, number, opening = opening.permit, opening.number, None
+                permit.used = True
+            else:
+                acquired = lane.breaker.acquire()
+                if acquired is None:
+                    run.last = Verdict.SKIPPED
+                    return run.last
+                permit, number = acquired, 0
             try:
-                number = await self._journal.begin_attempt(
-                    record.key, record.round, lane.name, reference, self._clock.now()
-                )
+                if number == 0:
+                    number = await self._journal.begin_attempt(
+                        record.key, record.round, lane.name, reference, self._clock.now()
+                    )
                 if self._hooks:
                     self._emit(AttemptStarted(record.key, lane.name, reference, number))
                 started = self._clock.monotonic()

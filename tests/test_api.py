@@ -421,3 +421,19 @@ async def test_router_must_be_open():
 
     with pytest.raises(failover.RouterClosedError):
         await router.repay(repayment())
+
+
+async def test_concurrent_reconciles(make_router):
+    """Two reconcile() calls at once each finish (and settle the pending repayment once)."""
+    primary = ScriptedChannel("primary", [ChannelResult.unknown("timeout")],
+                              queries=[ChannelResult.unknown()] * 3)
+    backup = ScriptedChannel("backup")
+    router = await make_router([primary, backup])
+    await router.repay(repayment())
+
+    first, second = await asyncio.gather(router.reconcile(), router.reconcile())
+    empty_a, empty_b = await asyncio.gather(router.reconcile(), router.reconcile())
+
+    assert [RepaymentStatus.SUCCEEDED] == [r.status for r in first + second][:1]
+    assert ([], []) == (empty_a, empty_b)
+    assert 1 == len(backup.ledger.collections())

@@ -148,9 +148,14 @@ class Journal(Protocol):
     async def close(self) -> None: ...
 
     async def create(
-        self, repayment: Repayment, preference: tuple[str, ...] | None, now: datetime
+        self, repayment: Repayment, preference: tuple[str, ...] | None, now: datetime,
+        first_attempt: tuple[str, str] | None = None,
     ) -> tuple[Record, bool]:
-        """Write the intent if the key is new; return the stored record and whether it was new."""
+        """Write the intent if the key is new; return the stored record and whether it was new.
+
+        ``first_attempt`` (channel, reference) is written "sent" with a new intent, as
+        attempt 1 of round 1, in the same write; an existing key gets no attempt.
+        """
         ...
 
     async def load(self, key: str) -> Record | None: ...

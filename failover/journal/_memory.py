@@ -76,15 +76,19 @@ class MemoryJournal:
             raise UnknownRepayment(key) from None
 
     async def create(
-        self, repayment: Repayment, preference: tuple[str, ...] | None, now: datetime
+        self, repayment: Repayment, preference: tuple[str, ...] | None, now: datetime,
+        first_attempt: tuple[str, str] | None = None,
     ) -> tuple[Record, bool]:
         existing = self._rows.get(repayment.key)
         if existing is not None:
             return existing.freeze(), False
         record = new_record(repayment, preference, now)
-        self._rows[record.key] = _Row(record, record.status, record.round, now,
-                                      snapshot=record)
-        return record, True
+        row = _Row(record, record.status, record.round, now, snapshot=record)
+        if first_attempt is not None:
+            row.attempts.append(Attempt(*first_attempt, None, None, now, None, round=1))
+            row.snapshot = None
+        self._rows[record.key] = row
+        return row.freeze(), True
 
     async def load(self, key: str) -> Record | None:
         row = self._rows.get(key)

@@ -12,6 +12,7 @@ with a single statement.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import os
@@ -310,9 +311,13 @@ class SQLiteJournal:
     # ---- operations --------------------------------------------------------
 
     async def create(
-        self, repayment: Repayment, preference: tuple[str, ...] | None, now: datetime
+        self, repayment: Repayment, preference: tuple[str, ...] | None, now: datetime,
+        first_attempt: tuple[str, str] | None = None,
     ) -> tuple[Record, bool]:
         record = new_record(repayment, preference, now)
+        if first_attempt is not None:
+            sent = Attempt(*first_attempt, None, None, now, None, round=1)
+            record = dataclasses.replace(record, attempts=(sent,))
 
         def op(conn: sqlite3.Connection) -> tuple[Record, bool]:
             cursor = conn.execute(
@@ -328,6 +333,13 @@ class SQLiteJournal:
                 ),
             )
             if cursor.rowcount == 1:
+                # The second write of this operation cannot be refused: the key is new.
+                if first_attempt is not None:
+                    conn.execute(
+                        "INSERT INTO attempts (key, number, round, channel, reference,"
+                        " started_at) VALUES (?, 1, 1, ?, ?, ?)",
+                        (record.key, *first_attempt, _ts(now)),
+                    )
                 return record, True
             existing = _load(conn, record.key)
             assert existing is not None
