@@ -16,9 +16,9 @@ from failover.testing import FaultProfile, SimulatedChannel, SQLiteLedger
 
 FAULTY = {
     "auto_debit": (False, FaultProfile(unknown_collected=0.1, unknown_not_collected=0.1,
-                                       unavailable=0.1, query_failure=0.2, latency_s=0.004)),
-    "card": (True, FaultProfile(unavailable=0.1, unknown_collected=0.05, latency_s=0.004)),
-    "wallet": (False, FaultProfile(decline=0.1, unknown_collected=0.05, latency_s=0.004)),
+                                       unavailable=0.1, query_failure=0.2, latency_s=0.02)),
+    "card": (True, FaultProfile(unavailable=0.1, unknown_collected=0.05, latency_s=0.02)),
+    "wallet": (False, FaultProfile(decline=0.1, unknown_collected=0.05, latency_s=0.02)),
 }
 CONFIG = failover.RouterConfig.model_validate({
     "deadline_s": 30,

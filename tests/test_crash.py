@@ -19,7 +19,7 @@ from failover.testing import SQLiteLedger, assert_invariants, audit
 
 WORKER = Path(__file__).with_name("crash_worker.py")
 KILLS = 20
-REPAYMENTS = 600
+REPAYMENTS = 3000
 SEED = int(os.environ.get("FAILOVER_CRASH_SEED", "20261128"))
 
 
@@ -46,6 +46,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_collects_nothing_twice(tmp_
     rng = random.Random(SEED)
     journal, ledger = tmp_path / "journal.db", tmp_path / "ledger.db"
     interrupted_calls = 0
+    kills_mid_call = 0
     for run in range(KILLS):
         process = worker(journal, ledger, SEED + run)
         assert process.stdout is not None
@@ -54,7 +55,9 @@ def test_sigkill_at_random_moments_loses_nothing_and_collects_nothing_twice(tmp_
         time.sleep(rng.uniform(0.0, 0.4))
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
-        interrupted_calls += left_sent(journal)
+        in_the_air = left_sent(journal)
+        interrupted_calls += in_the_air
+        kills_mid_call += in_the_air > 0
 
     final = worker(journal, ledger, SEED + KILLS, "--heal")
     out, err = final.communicate(timeout=300)
@@ -72,8 +75,9 @@ def test_sigkill_at_random_moments_loses_nothing_and_collects_nothing_twice(tmp_
     records = asyncio.run(results())
     outcome = audit({k: r.result() if r else None for k, r in records.items()},
                     [SQLiteLedger(ledger)])
-    print(f"{KILLS} kills, {interrupted_calls} attempts left 'sent' (summed over kills);"
-          f" {outcome.summary()}")
-    assert interrupted_calls > 0, "no kill landed while a channel call was in flight"
+    print(f"{KILLS} kills, {kills_mid_call} with calls in the air, {interrupted_calls}"
+          f" attempts left 'sent' (summed over kills); {outcome.summary()}")
+    # Most kills must land mid-work, or the test proves little.
+    assert kills_mid_call >= KILLS // 2, f"only {kills_mid_call} kills caught calls in flight"
     assert_invariants(outcome, allow_pending=False)
     assert REPAYMENTS == outcome.succeeded + outcome.failed
