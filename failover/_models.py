@@ -41,6 +41,26 @@ class Outcome(enum.StrEnum):
 _DEFINITIVE = frozenset({Outcome.SUCCEEDED, Outcome.DECLINED, Outcome.REJECTED, Outcome.NOT_FOUND})
 
 
+SETTLING_SUBMIT_OUTCOMES = frozenset(
+    {Outcome.SUCCEEDED, Outcome.DECLINED, Outcome.REJECTED, Outcome.UNAVAILABLE}
+)
+"""Submit answers that prove what happened to the attempt (DESIGN §1).
+
+``UNKNOWN`` may have collected; ``NOT_FOUND`` means nothing as a submit answer (it
+answers status queries): both leave the attempt in doubt, as does no answer at all.
+"""
+
+
+def attempt_in_doubt(outcome: Outcome | None, resolution: Outcome | None) -> bool:
+    """The one definition of "in doubt": the attempt may have collected and neither
+    its own submit answer nor a journaled resolution proved what happened.
+
+    Every journal applies this rule (the SQLite one builds its SQL from
+    ``SETTLING_SUBMIT_OUTCOMES``), and so does everything that reads attempts.
+    """
+    return resolution is None and outcome not in SETTLING_SUBMIT_OUTCOMES
+
+
 class RepaymentStatus(enum.StrEnum):
     """Where a repayment stands."""
 
@@ -198,8 +218,8 @@ class Attempt:
     ``outcome`` is what the call answered: ``None`` while it is in the air or
     when a crash lost the answer, until a status query resolves it (it then reads
     ``UNKNOWN`` with code ``interrupted``).  ``resolution`` is what a status query
-    or a definitive resubmit with the same reference proved about an attempt whose
-    outcome was unknown.
+    or a definitive resubmit with the same reference proved about an attempt in
+    doubt (one whose submit answer was none, ``UNKNOWN`` or ``NOT_FOUND``).
     """
 
     channel: str
@@ -215,8 +235,9 @@ class Attempt:
 
     @property
     def in_doubt(self) -> bool:
-        """True while this attempt may have collected and nothing proved otherwise."""
-        return self.outcome in (None, Outcome.UNKNOWN) and self.resolution is None
+        """True while this attempt may have collected and nothing proved otherwise
+        (see ``attempt_in_doubt``)."""
+        return attempt_in_doubt(self.outcome, self.resolution)
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,7 @@ except ImportError:  # pragma: no cover - Windows
 
 from failover._errors import JournalError, SchemaVersionError, TerminalStateError, UnknownRepayment
 from failover._models import (
+    SETTLING_SUBMIT_OUTCOMES,
     Attempt,
     ChannelResult,
     Outcome,
@@ -500,6 +501,12 @@ def _finish_attempt(
     )
 
 
+# ``attempt_in_doubt`` in SQL, built from the same set so the two cannot drift apart.
+_IN_DOUBT = "resolution IS NULL AND (outcome IS NULL OR outcome NOT IN ({}))".format(
+    ", ".join(f"'{outcome.value}'" for outcome in sorted(SETTLING_SUBMIT_OUTCOMES))
+)
+
+
 def _resolve(conn: sqlite3.Connection, key: str, round: int, settled: Resolution) -> None:
     conn.execute(
         # An attempt a crash left "sent" gets the outcome it really had: unknown.
@@ -507,8 +514,7 @@ def _resolve(conn: sqlite3.Connection, key: str, round: int, settled: Resolution
         " channel_reference = COALESCE(?, channel_reference),"
         " code = CASE WHEN outcome IS NULL THEN 'interrupted' ELSE code END,"
         " outcome = COALESCE(outcome, 'unknown')"
-        " WHERE key = ? AND round = ? AND reference = ?"
-        " AND resolution IS NULL AND (outcome IS NULL OR outcome = 'unknown')",
+        f" WHERE key = ? AND round = ? AND reference = ? AND {_IN_DOUBT}",
         (settled.outcome.value, settled.channel_reference, key, round, settled.reference),
     )
 
