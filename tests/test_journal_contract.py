@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import failover
-from failover import ChannelResult, Outcome
+from failover import ChannelResult, Outcome, RepaymentStatus
 from failover.journal import SCHEMA_VERSION
 from failover.journal._base import Journal
 from failover.testing import FakeClock
@@ -161,3 +161,45 @@ async def test_resolve_marks_an_interrupted_attempt_unknown(journal, clock):
     await journal.resolve_attempts(KEY, 1, "ref-1", Outcome.NOT_FOUND, clock.now())
 
     assert [(Outcome.UNKNOWN, "interrupted", Outcome.NOT_FOUND)] == await _attempts(journal)
+
+
+# ---- begin_attempt ---------------------------------------------------------
+
+
+async def test_begin_attempt_numbers_attempts_from_one(journal, clock):
+    """Attempts of a repayment are numbered 1, 2, 3 in the order they are begun."""
+    await journal.create(repayment(), None, clock.now())
+
+    numbers = [await journal.begin_attempt(KEY, 1, "card", f"ref-{i}", clock.now())
+               for i in range(3)]
+
+    assert [1, 2, 3] == numbers
+
+
+@pytest.mark.parametrize("status", [RepaymentStatus.FAILED, RepaymentStatus.SUCCEEDED])
+async def test_begin_attempt_is_refused_on_a_finished_repayment(journal, clock, status):
+    """A finished repayment gets no new attempt: TerminalStateError."""
+    await _sent(journal, clock)
+    await journal.finish(KEY, 1, status, None, None, "x", clock.now())
+
+    with pytest.raises(failover.TerminalStateError):
+        await journal.begin_attempt(KEY, 1, "wallet", "ref-2", clock.now())
+
+
+async def test_a_refused_begin_attempt_writes_nothing(journal, clock):
+    """begin_attempt on a FAILED repayment with no attempts leaves it with none."""
+    await journal.create(repayment(), None, clock.now())
+    await journal.finish(KEY, 1, RepaymentStatus.FAILED, None, None, "x", clock.now())
+
+    with pytest.raises(failover.TerminalStateError):
+        await journal.begin_attempt(KEY, 1, "card", "ref-1", clock.now())
+    assert [] == await _attempts(journal)
+
+
+async def test_begin_attempt_is_refused_for_another_round(journal, clock):
+    """An attempt for a round the repayment is not in is refused."""
+    await journal.create(repayment(), None, clock.now())
+
+    with pytest.raises(failover.TerminalStateError):
+        await journal.begin_attempt(KEY, 2, "card", "ref-1", clock.now())
+    assert [] == await _attempts(journal)

@@ -364,12 +364,14 @@ class SQLiteJournal:
     ) -> int:
         def op(conn: sqlite3.Connection) -> int:
             # Never an attempt for a repayment that is finished (or in another round).
+            # The guard filters the repayment row, not an aggregate: an aggregate
+            # (MAX over attempts) yields a row, and so an insert, even when it fails.
             row = conn.execute(
                 "INSERT INTO attempts (key, number, round, channel, reference, started_at)"
-                " SELECT ?, COALESCE(MAX(number), 0) + 1, ?, ?, ?, ? FROM attempts WHERE key = ?"
-                " AND EXISTS (SELECT 1 FROM repayments WHERE key = ? AND status = 'pending'"
-                " AND round = ?) RETURNING number",
-                (key, round, channel, reference, _ts(now), key, key, round),
+                " SELECT key, (SELECT COALESCE(MAX(number), 0) + 1 FROM attempts"
+                " WHERE key = repayments.key), ?, ?, ?, ? FROM repayments"
+                " WHERE key = ? AND status = 'pending' AND round = ? RETURNING number",
+                (round, channel, reference, _ts(now), key, round),
             ).fetchone()
             if row is None:
                 _refuse(conn, key)
