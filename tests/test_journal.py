@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 
 import pytest
@@ -58,6 +59,23 @@ async def test_newer_schema_is_refused(tmp_path):
     conn = sqlite3.connect(path)
     assert [] == conn.execute("SELECT name FROM sqlite_master").fetchall()
     assert "delete" == conn.execute("PRAGMA journal_mode").fetchone()[0]
+
+
+@pytest.mark.parametrize("read_only", [False, True], ids=["writable", "read_only"])
+async def test_a_journal_in_a_missing_directory_is_refused_naming_it(tmp_path, read_only):
+    """Opening a journal whose directory does not exist raises JournalError naming the path."""
+    path = tmp_path / "missing" / "j.db"
+
+    with pytest.raises(failover.JournalError, match=re.escape(str(path))):
+        await failover.SQLiteJournal(path, read_only=read_only).open()
+
+
+async def test_a_journal_in_a_missing_directory_creates_nothing(tmp_path):
+    """A refused open leaves no directory, database or lock file behind."""
+    with pytest.raises(failover.JournalError):
+        await failover.SQLiteJournal(tmp_path / "missing" / "j.db").open()
+
+    assert [] == list(tmp_path.iterdir())
 
 
 async def test_finished_repayment_cannot_change(journal, clock):

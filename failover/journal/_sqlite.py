@@ -173,7 +173,10 @@ class SQLiteJournal:
     def _take_lock(self) -> None:
         if fcntl is None:  # pragma: no cover - not POSIX: no cross-process guard
             return
-        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise JournalError(f"cannot open journal {self.path!r}: {exc.strerror}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -195,6 +198,13 @@ class SQLiteJournal:
     def _connect(self) -> sqlite3.Connection:
         if self.read_only:
             return self._connect_read_only()
+        # Checked first, so a mistyped path creates nothing (sqlite3 would only say
+        # "unable to open database file").
+        directory = os.path.dirname(self.path) or "."
+        if not os.path.isdir(directory):
+            raise JournalError(
+                f"cannot open journal {self.path!r}: directory {directory!r} does not exist"
+            )
         self._take_lock()
         try:
             return self._connect_writable()
@@ -203,6 +213,8 @@ class SQLiteJournal:
             raise
 
     def _connect_read_only(self) -> sqlite3.Connection:
+        if not os.path.exists(self.path):
+            raise JournalError(f"cannot open journal {self.path!r}: no such file")
         try:
             conn = sqlite3.connect(
                 f"file:{quote(self.path)}?mode=ro", uri=True, isolation_level=None,
