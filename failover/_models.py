@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import enum
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from failover._currencies import MINOR_UNITS
 
@@ -85,14 +86,37 @@ def _mask(value: str) -> str:
     return "*" * (len(value) - 4) + value[-4:]
 
 
+def _checked_identifier(field: str, value: str) -> str:
+    """Refuse a blank value or one holding a control character (Unicode category Cc)."""
+    if not value.strip():
+        raise ValueError(f"{field} must not be blank")
+    for position, char in enumerate(value):
+        if unicodedata.category(char) == "Cc":
+            raise ValueError(
+                f"{field} must not contain control characters"
+                f" (found {char!r} at position {position})"
+            )
+    return value
+
+
 class Repayment(BaseModel):
     """One repayment to collect, identified by ``key`` (the idempotency key).
 
     Validated on construction; a bad field raises ``pydantic.ValidationError``
     naming it, before anything is written.
+
+    ``key`` and ``account`` are identifiers: they are stored, compared and sent
+    exactly as given, never stripped or case-folded (``" k1 "`` and ``"k1"`` are
+    two repayments; ``get(" k1 ")`` finds the first).  Both are refused when empty,
+    blank (only whitespace: almost surely a missing value), longer than 200
+    characters, or holding a control character (``\\n``, ``\\t``, ``\\x00``, any
+    Unicode category Cc), which cannot be told apart in logs or may be cut by the
+    systems a key passes through.  Other invisible characters (category Cf, such as
+    a zero-width space) are accepted, exactly as given.  ``currency`` is a code,
+    not an identifier: it is stripped and upper-cased (``" cny"`` is ``"CNY"``).
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     key: str = Field(min_length=1, max_length=200)
     account: str = Field(min_length=1, max_length=200)
@@ -109,10 +133,16 @@ class Repayment(BaseModel):
             raise ValueError("amount must be a Decimal, int or string, not a float")
         return value
 
+    @field_validator("key", "account")
+    @classmethod
+    def _identifier(cls, value: str, info: ValidationInfo) -> str:
+        assert info.field_name is not None
+        return _checked_identifier(info.field_name, value)
+
     @field_validator("currency")
     @classmethod
     def _known_currency(cls, value: str) -> str:
-        code = value.upper()
+        code = value.strip().upper()
         if code not in MINOR_UNITS:
             raise ValueError(f"unknown ISO 4217 currency code {value!r}")
         return code
