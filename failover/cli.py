@@ -23,14 +23,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from failover._errors import FailoverError
+from failover._errors import ConfigError, FailoverError
 
 OK, PROBLEM, BAD_INPUT = 0, 1, 2
 
@@ -59,12 +60,38 @@ def _emit(args: argparse.Namespace, data: Any, text: Callable[[], str]) -> None:
         print(text())
 
 
+def _check_file(path: Path) -> None:
+    """One clear line for a file that cannot be a config at all (before parsing it)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise _Abort(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    if not raw.strip():
+        raise _Abort(f"{path}: the file is empty")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _Abort(f"{path}: not UTF-8 text (invalid byte 0x{raw[exc.start]:02x}"
+                     f" at offset {exc.start})") from exc
+
+
 def _load_config(path: Path) -> Any:
-    from failover._adapters import build_channels
+    from failover._adapters import build_channel
     from failover.config import RouterConfig
 
+    _check_file(path)
     config = RouterConfig.load(path)
-    channels = build_channels(config, str(path))
+    if not config.channels:
+        raise _Abort(f"{path}: no channels configured ([channels.NAME] tables)")
+    # Every channel is built, so one run reports every broken adapter, not the first.
+    channels, problems = [], []
+    for name in config.channels:
+        try:
+            channels.append(build_channel(name, config, str(path)))
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError("\n".join(problems))
     return config, channels
 
 
@@ -123,8 +150,27 @@ def _parse_at(text: str | None) -> datetime:
     return moment
 
 
+def _amount(amount: str, currency: str) -> tuple[Decimal, str]:
+    """The amount and currency as ``failover.Repayment`` accepts them, or one line per
+    problem naming the option."""
+    from pydantic import ValidationError
+
+    from failover._models import Repayment
+
+    try:
+        checked = Repayment.model_validate({"key": "failover-channels", "account": "cli",
+                                            "amount": amount, "currency": currency})
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            message = error["msg"].removeprefix("Value error, ")
+            got = f" (got {error['input']!r})" if repr(error["input"]) not in message else ""
+            lines.append(f"--{error['loc'][0]}: {message}{got}")
+        raise _Abort("\n".join(lines)) from exc
+    return checked.amount, checked.currency
+
+
 def _channels(args: argparse.Namespace) -> int:
-    from failover._currencies import MINOR_UNITS
     from failover._eligibility import explain
 
     config, channels = _load_config(args.config)
@@ -133,13 +179,7 @@ def _channels(args: argparse.Namespace) -> int:
         raise _Abort("--amount and --currency go together")
     amount, currency = Decimal(0), ""
     if args.amount is not None:
-        try:
-            amount = Decimal(args.amount)
-        except InvalidOperation as exc:
-            raise _Abort(f"--amount: not a number: {args.amount!r}") from exc
-        currency = args.currency.upper()
-        if currency not in MINOR_UNITS:
-            raise _Abort(f"--currency: unknown ISO 4217 code {args.currency!r}")
+        amount, currency = _amount(args.amount, args.currency)
     names = [c.name for c in channels]
     if args.amount is None:
         # No repayment given: limits are not judged, only switches and windows.
@@ -281,6 +321,7 @@ def _inspect(args: argparse.Namespace) -> int:
 async def _reconcile_data(config_path: Path, journal_path: Path) -> dict[str, Any]:
     from failover._router import Router
 
+    _check_file(config_path)
     journal = _open_journal(journal_path, read_only=False)
     router = Router.from_config(config_path, journal=journal)
     async with router:
@@ -342,6 +383,8 @@ def _bench(args: argparse.Namespace) -> int:
         raise _Abort(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
     if args.repayments < 1:
         raise _Abort("--repayments must be at least 1")
+    if args.config:
+        _check_file(args.config)
     config = RouterConfig.load(args.config) if args.config else None
     names = args.scenarios or list(SCENARIOS)
     total = len(names) * len(STRATEGIES)
@@ -418,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="failover", description="Resilient repayment collection with channel failover.",
         epilog="exit codes: 0 ok, 1 a problem found, 2 bad usage or input",
     )
+    parser.add_argument("--version", action="version", version=f"failover {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, run: Callable[[argparse.Namespace], int], help: str
@@ -470,12 +514,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("failover")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        code: int = args.run(args)
+        try:
+            code: int = args.run(args)
+        finally:
+            sys.stdout.flush()  # inside the try: a reader that went away shows up here
+    except BrokenPipeError:
+        # The reader (`| head`) has gone.  As the Python docs recommend: point stdout at
+        # devnull so the interpreter's final flush cannot fail again, and exit 1.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return PROBLEM
     except _Abort as exc:
-        print(f"failover {args.command}: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():
+            print(f"failover {args.command}: {line}", file=sys.stderr)
         return exc.code
     except FailoverError as exc:  # ConfigError, JournalError...: one clear message
         for line in str(exc).splitlines():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, time, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -16,7 +16,7 @@ from typing import Any, Literal, Self
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, SettingsError
 
 from failover._currencies import MINOR_UNITS
 from failover._errors import ConfigError
@@ -314,12 +314,23 @@ class RouterConfig(_Model):
                 raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a table of settings at the top level")
-        overrides = env_overrides(os.environ if environ is None else environ)
-        source = str(path)
-        if overrides:
-            data = _merge(data, overrides)
-            source += " (with FAILOVER_ environment overrides)"
-        return cls.from_mapping(data, source=source)
+        env = os.environ if environ is None else environ
+        overrides = env_overrides(env)
+        if not overrides:
+            return cls.from_mapping(data, source=str(path))
+        data = _merge(data, overrides)
+
+        def blame(loc: tuple[int | str, ...]) -> str:
+            # A bad value is reported where it came from: the variable, or the file.
+            name = _env_variable(env, loc)
+            if name is not None:
+                return f"environment variable {name}"
+            return str(path) if loc else f"{path} (with FAILOVER_ environment overrides)"
+
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, str(path), blame)) from exc
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any], *, source: str = "config") -> RouterConfig:
@@ -352,7 +363,39 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     )
     source.env_vars = {k.lower(): v for k, v in environ.items()
                        if k.upper().startswith("FAILOVER_")}
-    return {k: v for k, v in source().items() if v not in (None, {})}
+    try:
+        values = source()
+    except SettingsError as exc:
+        # pydantic-settings names the field only: find the variable that fails alone.
+        names = [k for k in environ if k.upper().startswith("FAILOVER_")]
+        if len(names) > 1:
+            for name in names:
+                env_overrides({name: environ[name]})  # raises, naming it, if it fails alone
+        table = ".".join(names[0].lower().removeprefix("failover_").split("__"))
+        raise ConfigError(
+            f"environment variable {', '.join(names)}: not valid JSON for the {table} table"
+        ) from exc
+    return {k: v for k, v in values.items() if v not in (None, {})}
+
+
+def _env_variable(environ: Mapping[str, str], loc: tuple[int | str, ...]) -> str | None:
+    """The ``FAILOVER_*`` variable that set the value at ``loc``, if one did."""
+    if not loc:
+        return None
+    for name, value in environ.items():
+        if not name.upper().startswith("FAILOVER_"):
+            continue
+        node: Any = env_overrides({name: value})
+        for part in loc:
+            if not isinstance(node, Mapping):
+                break  # the variable set a whole value (JSON) that holds the bad part
+            if str(part) not in node:
+                node = None
+                break
+            node = node[str(part)]
+        if node is not None:
+            return name
+    return None
 
 
 def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
@@ -365,10 +408,16 @@ def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def format_validation_error(exc: ValidationError, source: str) -> str:
-    """One line per problem: ``source: key.path: message (got value)``."""
+def format_validation_error(
+    exc: ValidationError, source: str,
+    blame: Callable[[tuple[int | str, ...]], str] | None = None,
+) -> str:
+    """One line per problem: ``source: key.path: message (got value)``; ``blame``
+    gives the source of the value at a key path when sources differ."""
     lines = []
     for error in exc.errors():
+        if blame is not None:
+            source = blame(error["loc"])
         where = ".".join(str(part) for part in error["loc"])
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":

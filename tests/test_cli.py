@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 
@@ -42,3 +44,157 @@ def test_unknown_command_is_a_usage_error(capsys):
         main(["frobnicate"])
 
     assert 2 == caught.value.code
+
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "failover.toml"
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_validate_empty_file_is_a_one_line_error(tmp_path, capsys):
+    """validate on an empty file: exit 2, one line naming the file, no traceback."""
+    path = tmp_path / "failover.toml"
+    path.write_text("")
+
+    code, _, err = _run(capsys, "validate", str(path))
+
+    assert 2 == code
+    assert [f"failover validate: {path}: the file is empty"] == err.splitlines()
+
+
+def test_validate_file_without_channels_is_a_one_line_error(tmp_path, capsys):
+    """validate on a file that configures no channel: exit 2, one line naming the file."""
+    path = tmp_path / "failover.toml"
+    path.write_text("# nothing yet\ndeadline_s = 10\n")
+
+    code, _, err = _run(capsys, "validate", str(path))
+
+    assert 2 == code
+    assert [f"failover validate: {path}: no channels configured ([channels.NAME] tables)"
+            ] == err.splitlines()
+
+
+@pytest.mark.parametrize("name", ["failover.toml", "failover.yaml"])
+def test_validate_binary_file_is_a_one_line_error(tmp_path, capsys, name):
+    """validate on a binary (not UTF-8) file: exit 2, one line naming the file."""
+    path = tmp_path / name
+    path.write_bytes(bytes(range(256)))
+
+    code, _, err = _run(capsys, "validate", str(path))
+
+    assert 2 == code
+    assert [f"failover validate: {path}: not UTF-8 text (invalid byte 0x80 at offset 128)"
+            ] == err.splitlines()
+
+
+def test_validate_reports_every_adapter_problem(tmp_path, capsys):
+    """validate names every channel whose adapter cannot be built, not only the first."""
+    path = tmp_path / "failover.toml"
+    path.write_text('[channels.a]\nadapter = "nowhere_a.mod:A"\n'
+                    '[channels.b]\nadapter = "nowhere_b.mod:B"\n'
+                    '[channels.c]\n')
+
+    code, _, err = _run(capsys, "validate", str(path))
+
+    assert 2 == code
+    assert [f"{path}: channels.a.adapter", f"{path}: channels.b.adapter",
+            f"{path}: channels.c.adapter"] == [
+        line.removeprefix("failover validate: ").split(": cannot")[0].split(": missing")[0]
+        for line in err.splitlines()]
+
+
+def test_validate_reports_every_invalid_value(tmp_path, capsys):
+    """validate prints one line per invalid value, each with its key path."""
+    path = tmp_path / "failover.toml"
+    path.write_text("deadline_s = -1\n[channels.a]\ntimeout_s = 0\nbogus = 1\n"
+                    "[channels.a.retry]\nmax_attempts = 0\n")
+
+    code, _, err = _run(capsys, "validate", str(path))
+
+    assert 2 == code
+    assert ["deadline_s", "channels.a.timeout_s", "channels.a.retry.max_attempts",
+            "channels.a.bogus"] == [line.split(": ")[2] for line in err.splitlines()]
+
+
+def test_bad_environment_override_is_blamed_on_the_variable(monkeypatch, capsys):
+    """An invalid FAILOVER_* value is reported under the variable's name, not the file's."""
+    monkeypatch.setenv("FAILOVER_CHANNELS__WALLET__TIMEOUT_S", "-3")
+
+    code, _, err = _run(capsys, "validate", str(EXAMPLE))
+
+    assert 2 == code
+    assert ["failover validate: environment variable FAILOVER_CHANNELS__WALLET__TIMEOUT_S:"
+            " channels.wallet.timeout_s: Input should be greater than 0 (got -3)"
+            ] == err.splitlines()
+
+
+def test_unparsable_environment_override_is_blamed_on_the_variable(monkeypatch, capsys):
+    """A FAILOVER_* value that is not valid JSON for a table is named, without a traceback."""
+    monkeypatch.setenv("FAILOVER_CHANNELS", "not json")
+
+    code, _, err = _run(capsys, "validate", str(EXAMPLE))
+
+    assert 2 == code
+    assert ["failover validate: environment variable FAILOVER_CHANNELS:"
+            " not valid JSON for the channels table"] == err.splitlines()
+
+
+def test_file_error_with_overrides_is_still_blamed_on_the_file(tmp_path, monkeypatch, capsys):
+    """With an unrelated override set, a bad value in the file is still the file's."""
+    path = tmp_path / "failover.toml"
+    path.write_text('[channels.a]\nadapter = "m:A"\ntimeout_s = 0\n')
+    monkeypatch.setenv("FAILOVER_DEADLINE_S", "5")
+
+    code, _, err = _run(capsys, "validate", str(path))
+
+    assert 2 == code
+    assert [f"failover validate: {path}: channels.a.timeout_s: Input should be greater"
+            " than 0 (got 0)"] == err.splitlines()
+
+
+def test_version_prints_the_installed_version(capsys):
+    """failover --version prints the package version from its metadata, exit 0."""
+    with pytest.raises(SystemExit) as caught:
+        main(["--version"])
+
+    assert 0 == caught.value.code
+    assert f"failover {version('failover')}\n" == capsys.readouterr().out
+
+
+def test_json_into_a_closed_pipe_exits_without_traceback():
+    """--json output into a reader that has gone (`| head`) ends quietly: no traceback."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "failover", "validate", str(EXAMPLE), "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    process.stdout.close()  # the reader is gone before anything is written
+    err = process.stderr.read().decode()
+    process.wait(timeout=60)
+
+    assert "" == err
+    assert 1 == process.returncode
+
+
+@pytest.mark.parametrize(("amount", "currency", "field"), [
+    ("0", "USD", "--amount"),
+    ("-5", "USD", "--amount"),
+    ("1.001", "USD", "--amount"),
+    ("10.5", "JPY", "--amount"),
+    ("NaN", "USD", "--amount"),
+    ("Infinity", "USD", "--amount"),
+    ("1", "ZZZ", "--currency"),
+])
+def test_channels_rejects_what_repayment_rejects(capsys, amount, currency, field):
+    """channels refuses an amount or currency that failover.Repayment refuses: exit 2,
+    one line naming the option."""
+    code, out, err = _run(capsys, "channels", str(EXAMPLE), "--amount", amount,
+                          "--currency", currency)
+
+    assert 2 == code
+    assert "" == out
+    assert [f"failover channels: {field}"] == [
+        ": ".join(line.split(": ")[:2]) for line in err.splitlines()]
