@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 import failover
-from failover import ChannelResult, Outcome, RepaymentStatus
+from failover import ChannelResult, Outcome, PendingReason, RepaymentStatus
 from failover.journal import SCHEMA_VERSION
-from failover.journal._base import Journal
+from failover.journal._base import Journal, Resolution
 from failover.testing import FakeClock
 
 from .conftest import repayment
@@ -203,3 +203,297 @@ async def test_begin_attempt_is_refused_for_another_round(journal, clock):
     with pytest.raises(failover.TerminalStateError):
         await journal.begin_attempt(KEY, 2, "card", "ref-1", clock.now())
     assert [] == await _attempts(journal)
+
+
+# ---- create, load ----------------------------------------------------------
+
+
+async def test_create_writes_a_new_pending_intent(journal, clock):
+    """create() of a new key returns it PENDING, round 1, in flight, created True."""
+    record, created = await journal.create(repayment(), ("card",), clock.now())
+
+    assert (True, RepaymentStatus.PENDING, 1, PendingReason.IN_FLIGHT, ("card",)) == (
+        created, record.status, record.round, record.pending_reason, record.preference)
+
+
+async def test_create_is_idempotent_per_key(journal, clock):
+    """A second create() of a key returns the stored record and created False."""
+    first, _ = await journal.create(repayment(), None, clock.now())
+    clock.advance(5)
+
+    again, created = await journal.create(repayment(), None, clock.now(), ("card", "ref-1"))
+
+    assert (False, first) == (created, again)
+
+
+async def test_create_writes_the_first_attempt_with_the_intent(journal, clock):
+    """first_attempt is journaled sent, as attempt 1 of round 1."""
+    record, _ = await journal.create(repayment(), None, clock.now(), ("card", "ref-1"))
+
+    assert [("card", "ref-1", None, 1, True)] == [
+        (a.channel, a.reference, a.outcome, a.round, a.in_doubt) for a in record.attempts]
+    assert record == await journal.load(KEY)
+
+
+async def test_load_of_an_unknown_key_is_none(journal):
+    """load() of a key the journal does not hold returns None."""
+    assert None is await journal.load("nope")
+
+
+async def test_load_many_returns_the_keys_it_holds(journal, clock):
+    """load_many() returns records of the keys held, and leaves the others out."""
+    for key in ("a", "b"):
+        await _sent(journal, clock, key=key)
+
+    found = await journal.load_many(["a", "nope", "b"])
+
+    assert {"a": await journal.load("a"), "b": await journal.load("b")} == found
+
+
+# ---- attempts --------------------------------------------------------------
+
+
+async def test_finish_attempt_records_the_answer(journal, clock):
+    """finish_attempt() writes outcome, code, detail, channel reference and end time."""
+    number = await _sent(journal, clock)
+    clock.advance(2)
+
+    await journal.finish_attempt(KEY, number, ChannelResult(Outcome.SUCCEEDED, "c-1", "ok", "d"),
+                                 clock.now())
+
+    [a] = (await journal.load(KEY)).attempts
+    assert (Outcome.SUCCEEDED, "ok", "d", "c-1", clock.now()) == (
+        a.outcome, a.code, a.detail, a.channel_reference, a.finished_at)
+
+
+async def test_resolve_marks_every_attempt_in_doubt_with_that_reference_only(journal, clock):
+    """resolve_attempts() marks the in-doubt attempts with that reference, not others."""
+    for reference, answer in [("ref-1", ChannelResult.unknown()), ("ref-1", None),
+                              ("ref-2", ChannelResult.unknown()),
+                              ("ref-1", ChannelResult.declined())]:
+        number = await _sent(journal, clock, reference=reference)
+        if answer is not None:
+            await journal.finish_attempt(KEY, number, answer, clock.now())
+
+    await journal.resolve_attempts(KEY, 1, "ref-1", Outcome.SUCCEEDED, clock.now(), "c-9")
+
+    record = await journal.load(KEY)
+    assert [(Outcome.SUCCEEDED, "c-9"), (Outcome.SUCCEEDED, "c-9"), (None, None),
+            (None, None)] == [(a.resolution, a.channel_reference) for a in record.attempts]
+
+
+async def test_resolve_marks_only_attempts_of_that_round(journal, clock):
+    """An in-doubt attempt of an earlier round keeps its doubt when a later one resolves."""
+    await _sent(journal, clock)
+    await journal.finish(KEY, 1, RepaymentStatus.FAILED, None, None, "x", clock.now())
+    await journal.new_round(KEY, clock.now())
+    await journal.begin_attempt(KEY, 2, "card", "ref-1", clock.now())
+
+    await journal.resolve_attempts(KEY, 2, "ref-1", Outcome.NOT_FOUND, clock.now())
+
+    record = await journal.load(KEY)
+    assert [(1, None), (2, Outcome.NOT_FOUND)] == [(a.round, a.resolution)
+                                                    for a in record.attempts]
+
+
+# ---- set_pending, finish, new_round ----------------------------------------
+
+
+async def test_set_pending_records_why(journal, clock):
+    """set_pending() records the reason, the channel in doubt and the code."""
+    await _sent(journal, clock)
+
+    await journal.set_pending(KEY, 1, PendingReason.AWAITING_CHANNEL, "card", "timeout",
+                              clock.now())
+
+    record = await journal.load(KEY)
+    assert (RepaymentStatus.PENDING, PendingReason.AWAITING_CHANNEL, "card", "timeout") == (
+        record.status, record.pending_reason, record.pending_channel, record.code)
+
+
+async def test_set_pending_is_refused_on_a_finished_repayment(journal, clock):
+    """set_pending() of a finished repayment raises TerminalStateError."""
+    await _sent(journal, clock)
+    await journal.finish(KEY, 1, RepaymentStatus.FAILED, None, None, "x", clock.now())
+
+    with pytest.raises(failover.TerminalStateError):
+        await journal.set_pending(KEY, 1, PendingReason.AWAITING_CHANNEL, "card", "t",
+                                  clock.now())
+
+
+async def test_finish_makes_the_repayment_terminal(journal, clock):
+    """finish() returns the record terminal, with its channel and code, no pending reason."""
+    await _sent(journal, clock)
+
+    record = await journal.finish(KEY, 1, RepaymentStatus.SUCCEEDED, "card", "c-1", None,
+                                  clock.now())
+
+    assert (RepaymentStatus.SUCCEEDED, "card", "c-1", None, record) == (
+        record.status, record.channel, record.channel_reference, record.pending_reason,
+        await journal.load(KEY))
+
+
+async def test_a_second_finish_is_refused_and_changes_nothing(journal, clock):
+    """finish() of a terminal repayment raises TerminalStateError; the record stays."""
+    await _sent(journal, clock)
+    first = await journal.finish(KEY, 1, RepaymentStatus.SUCCEEDED, "card", "c-1", None,
+                                 clock.now())
+
+    with pytest.raises(failover.TerminalStateError):
+        await journal.finish(KEY, 1, RepaymentStatus.FAILED, None, None, "x", clock.now())
+    assert first == await journal.load(KEY)
+
+
+async def test_finish_writes_the_attempt_answer_and_the_resolution(journal, clock):
+    """finish(attempt=..., resolution=...) writes both with the end."""
+    await _sent(journal, clock, reference="ref-1")
+    number = await journal.begin_attempt(KEY, 1, "card", "ref-1", clock.now())
+
+    await journal.finish(KEY, 1, RepaymentStatus.SUCCEEDED, "card", "c-1", None, clock.now(),
+                         attempt=(number, ChannelResult.succeeded("c-1")),
+                         resolution=Resolution("ref-1", Outcome.SUCCEEDED, "c-1"))
+
+    assert [(Outcome.UNKNOWN, "interrupted", Outcome.SUCCEEDED),
+            (Outcome.SUCCEEDED, None, None)] == await _attempts(journal)
+
+
+async def test_finish_writes_the_attempt_answer_even_when_refused(journal, clock):
+    """The attempt answer given to a refused finish() is still journaled: it is a fact."""
+    number = await _sent(journal, clock)
+    await journal.finish(KEY, 1, RepaymentStatus.FAILED, None, None, "x", clock.now())
+
+    with pytest.raises(failover.TerminalStateError):
+        await journal.finish(KEY, 1, RepaymentStatus.SUCCEEDED, "card", "c-1", None,
+                             clock.now(), attempt=(number, ChannelResult.succeeded("c-1")))
+    assert [(Outcome.SUCCEEDED, None, None)] == await _attempts(journal)
+
+
+async def test_new_round_reopens_a_failed_repayment(journal, clock):
+    """new_round() of a FAILED repayment makes it PENDING in flight, round 2, code cleared."""
+    await _sent(journal, clock)
+    await journal.finish(KEY, 1, RepaymentStatus.FAILED, "card", None, "declined", clock.now())
+
+    record = await journal.new_round(KEY, clock.now())
+
+    assert (RepaymentStatus.PENDING, 2, PendingReason.IN_FLIGHT, None, None) == (
+        record.status, record.round, record.pending_reason, record.channel, record.code)
+
+
+@pytest.mark.parametrize("status", [None, RepaymentStatus.SUCCEEDED])
+async def test_new_round_is_refused_unless_failed(journal, clock, status):
+    """new_round() of a PENDING or SUCCEEDED repayment raises TerminalStateError."""
+    await _sent(journal, clock)
+    if status is not None:
+        await journal.finish(KEY, 1, status, "card", "c-1", None, clock.now())
+
+    with pytest.raises(failover.TerminalStateError):
+        await journal.new_round(KEY, clock.now())
+
+
+@pytest.mark.parametrize("operation", ["begin_attempt", "set_pending", "finish", "new_round"])
+async def test_changing_an_unknown_key_raises_unknown_repayment(journal, clock, operation):
+    """Changes to a key the journal does not hold raise UnknownRepayment."""
+    now = clock.now()
+    calls = {
+        "begin_attempt": lambda: journal.begin_attempt("nope", 1, "card", "ref-1", now),
+        "set_pending": lambda: journal.set_pending("nope", 1, PendingReason.IN_FLIGHT, None,
+                                                   None, now),
+        "finish": lambda: journal.finish("nope", 1, RepaymentStatus.FAILED, None, None, "x",
+                                         now),
+        "new_round": lambda: journal.new_round("nope", now),
+    }
+
+    with pytest.raises(failover.UnknownRepayment):
+        await calls[operation]()
+
+
+# ---- queries ---------------------------------------------------------------
+
+
+async def test_pending_keys_lists_pending_oldest_first(journal, clock):
+    """pending_keys() lists PENDING repayments oldest first, finished ones left out."""
+    for key in ("b", "a", "c"):
+        await journal.create(repayment(key=key), None, clock.now())
+        clock.advance(1)
+    await journal.finish("c", 1, RepaymentStatus.FAILED, None, None, "x", clock.now())
+
+    assert ["b", "a"] == await journal.pending_keys()
+
+
+async def test_pending_keys_filters_by_reason(journal, clock):
+    """pending_keys(reason) lists only PENDING repayments of that reason."""
+    for key in ("a", "b"):
+        await journal.create(repayment(key=key), None, clock.now())
+        clock.advance(1)
+    await journal.set_pending("b", 1, PendingReason.AWAITING_CHANNEL, "card", "timeout",
+                              clock.now())
+
+    assert (["a"], ["b"]) == (await journal.pending_keys(PendingReason.IN_FLIGHT),
+                              await journal.pending_keys(PendingReason.AWAITING_CHANNEL))
+
+
+async def test_stats_count_by_status_with_the_oldest_pending(journal, clock):
+    """stats() counts repayments by status and gives the oldest PENDING creation time."""
+    for key in ("a", "b", "c"):
+        await journal.create(repayment(key=key), None, clock.now())
+        clock.advance(1)
+    await journal.finish("a", 1, RepaymentStatus.SUCCEEDED, "card", "c-1", None, clock.now())
+    oldest = (await journal.load("b")).created_at
+
+    stats = await journal.stats()
+
+    assert ({RepaymentStatus.PENDING: 2, RepaymentStatus.SUCCEEDED: 1,
+             RepaymentStatus.FAILED: 0}, oldest) == (stats.by_status, stats.oldest_pending)
+
+
+async def test_recent_failovers_are_channel_changes_newest_first(journal, clock):
+    """recent_failovers() lists moves between channels within a round, newest first."""
+    for key, channels in [("a", ["card", "card", "wallet"]), ("b", ["card", "bank"])]:
+        for channel in channels:
+            clock.advance(1)
+            await _sent(journal, clock, key=key, channel=channel)
+
+    moves = await journal.recent_failovers()
+
+    assert [("b", "card", "bank"), ("a", "card", "wallet")] == [
+        (m.key, m.from_channel, m.to_channel) for m in moves]
+
+
+async def test_recent_failovers_are_limited(journal, clock):
+    """recent_failovers(limit) returns at most limit moves, the newest."""
+    for key in ("a", "b"):
+        for channel in ("card", "wallet"):
+            clock.advance(1)
+            await _sent(journal, clock, key=key, channel=channel)
+
+    assert ["b"] == [m.key for m in await journal.recent_failovers(limit=1)]
+
+
+# ---- storage ---------------------------------------------------------------
+
+
+async def test_records_survive_close_and_reopen(factory, journal, clock, tmp_path):
+    """A durable journal holds, after reopening, exactly what it held before."""
+    if not factory.durable:
+        pytest.skip(f"{factory.name} journals are not durable")
+    await _sent(journal, clock)
+    before = await journal.finish(KEY, 1, RepaymentStatus.SUCCEEDED, "card", "c-1", None,
+                                  clock.now())
+    await journal.close()
+
+    reopened = factory.make(tmp_path)
+    await reopened.open()
+    after = await reopened.load(KEY)
+    await reopened.close()
+
+    assert before == after
+
+
+async def test_a_journal_of_a_newer_schema_is_refused(factory, tmp_path):
+    """Storage written by a newer schema raises SchemaVersionError on open."""
+    if factory.write_newer_schema is None:
+        pytest.skip(f"{factory.name} journals have no schema")
+    factory.write_newer_schema(tmp_path)
+
+    with pytest.raises(failover.SchemaVersionError, match="upgrade failover"):
+        await factory.make(tmp_path).open()
