@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
+from failover._errors import RouterClosedError
 from failover._models import Repayment, RepaymentResult
 from failover._router import Router
 from failover.config import RouterConfig
@@ -23,12 +25,25 @@ class BlockingRouter:
     It runs a ``Router`` on a private event loop in a background thread, so any
     number of request threads can call it at once; plain ``def`` adapters run in
     worker threads as usual.  Use ``with BlockingRouter(...) as router:``.
+
+    ``close()`` may run while other threads are inside a call: each of them gets its
+    result if its work finished first, else ``RouterClosedError``; none is left
+    waiting.  Its methods must not be called from the router's own loop thread (an
+    async adapter or a hook): that would wait on the loop it blocks, so it raises
+    ``RuntimeError`` instead; ``await`` the ``router`` property's methods there.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._router = Router(*args, **kwargs)
+        self._init_state()
+
+    def _init_state(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        # Guards _loop/_closing/_calls, so no call is scheduled on a loop being stopped.
+        self._lock = threading.Lock()
+        self._closing = False
+        self._calls: set[concurrent.futures.Future[Any]] = set()
 
     @classmethod
     def from_config(
@@ -37,8 +52,7 @@ class BlockingRouter:
         """Like ``Router.from_config``: channels built from the file's adapters."""
         blocking = cls.__new__(cls)
         blocking._router = Router.from_config(config, journal=journal, **kwargs)
-        blocking._loop = None
-        blocking._thread = None
+        blocking._init_state()
         return blocking
 
     @property
@@ -47,34 +61,66 @@ class BlockingRouter:
         return self._router
 
     def open(self) -> None:
-        if self._thread is not None:
-            return
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_forever, name="failover-router", daemon=True)
-        thread.start()
-        self._loop, self._thread = loop, thread
+        self._refuse_own_loop()
+        with self._lock:
+            if self._thread is not None:
+                return
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever, name="failover-router",
+                                      daemon=True)
+            thread.start()
+            self._loop, self._thread, self._closing = loop, thread, False
         try:
             self._run(self._router.open())
         except BaseException:
-            self._stop_loop()
+            self.close()
             raise
 
-    def close(self) -> None:
-        if self._thread is None:
-            return
+    def close(self, *, grace_s: float | None = None) -> None:
+        """Close the router and stop its loop.
+
+        ``grace_s`` is passed to ``Router.close`` when given.  Calls still waiting
+        when the loop stops get ``RouterClosedError``; calls made from now on too.
+        """
+        self._refuse_own_loop()
+        with self._lock:
+            loop = self._loop
+            if loop is None or self._closing:
+                return
+            self._closing = True  # from here no call is scheduled on the loop
         try:
-            self._run(self._router.close())
+            kwargs = {} if grace_s is None else {"grace_s": grace_s}
+            asyncio.run_coroutine_threadsafe(self._shut_down(kwargs), loop).result()
         finally:
             self._stop_loop()
 
+    async def _shut_down(self, kwargs: dict[str, Any]) -> None:
+        try:
+            await self._router.close(**kwargs)
+        finally:
+            # What asyncio.run does on the way out: cancel what is left (a call that
+            # slipped past the router's close, say one still writing its intent) and
+            # let it finish, so its caller is answered rather than left waiting.
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+
     def _stop_loop(self) -> None:
-        loop, thread = self._loop, self._thread
-        self._loop = self._thread = None
+        with self._lock:
+            loop, thread = self._loop, self._thread
+            calls = list(self._calls)
         if loop is None or thread is None:
             return
         loop.call_soon_threadsafe(loop.stop)
         thread.join()
         loop.close()
+        for call in calls:  # none should be left; if one is, it must not wait forever
+            if not call.done():
+                call.set_exception(RouterClosedError("the router closed during the call"))
+        with self._lock:
+            self._loop = self._thread = None
+            self._calls.clear()
 
     def __enter__(self) -> Self:
         self.open()
@@ -86,13 +132,35 @@ class BlockingRouter:
     ) -> None:
         self.close()
 
-    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        if self._loop is None:
-            coroutine.close()
-            from failover._errors import RouterClosedError
+    def _refuse_own_loop(self) -> None:
+        thread = self._thread
+        if thread is not None and thread.ident == threading.get_ident():
+            raise RuntimeError(
+                "a BlockingRouter method was called from the router's own event loop"
+                " (an async adapter or hook): it would wait on the loop it blocks;"
+                " await the methods of BlockingRouter.router there instead"
+            )
 
-            raise RouterClosedError("the router is not open: use 'with router:'")
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        try:
+            self._refuse_own_loop()
+            with self._lock:
+                if self._loop is None or self._closing:
+                    raise RouterClosedError("the router is not open: use 'with router:'")
+                call = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+                self._calls.add(call)
+        except BaseException:
+            coroutine.close()
+            raise
+        try:
+            return call.result()
+        except concurrent.futures.CancelledError:
+            if self._closing or self._loop is None:
+                raise RouterClosedError("the router closed during the call") from None
+            raise
+        finally:
+            with self._lock:
+                self._calls.discard(call)
 
     def repay(
         self, repayment: Repayment, *, channels: Sequence[str] | None = None
@@ -109,6 +177,7 @@ class BlockingRouter:
         return self._run(self._router.retry(key))
 
     def reconfigure(self, config: RouterConfig) -> None:
+        self._refuse_own_loop()
         loop = self._loop
         if loop is None:
             self._router.reconfigure(config)
