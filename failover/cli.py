@@ -16,6 +16,8 @@ Exit codes: 0 success; 1 the command ran and found a problem (the demo's audit
 failed, repayments are still pending after reconcile, no such repayment, the
 failover strategy lost or duplicated money in a bench scenario);
 2 bad usage or bad input (invalid config file, missing journal, bad option).
+Output into a reader that has gone (``| head``) ends with exit 1 and no traceback.
+``failover --version`` prints the installed version.
 """
 
 from __future__ import annotations
