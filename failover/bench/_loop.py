@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import selectors
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -67,3 +68,9 @@ class LoopClock:
 
     def monotonic(self) -> float:
         return self._loop.time()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)  # the loop's own timers: simulated time
+
+    def timeout(self, seconds: float) -> AbstractAsyncContextManager[object]:
+        return asyncio.timeout(seconds)
