@@ -4,6 +4,7 @@ safely: no accepted repayment lost, none collected twice."""
 from failover._blocking import BlockingRouter
 from failover._channel import Channel
 from failover._clock import Clock, SystemClock
+from failover._eligibility import Eligibility
 from failover._errors import (
     ChannelUnavailable,
     ConfigError,
@@ -25,6 +26,7 @@ from failover._models import (
     RepaymentResult,
     RepaymentStatus,
 )
+from failover._policy import Breaker
 from failover._router import Router, make_reference
 from failover.config import (
     BreakerConfig,
@@ -35,13 +37,22 @@ from failover.config import (
     RetryConfig,
     RouterConfig,
 )
-from failover.journal import Journal, MemoryJournal, SQLiteJournal
+from failover.journal import (
+    Failover,
+    Journal,
+    JournalStats,
+    MemoryJournal,
+    Record,
+    Resolution,
+    SQLiteJournal,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Attempt",
     "BlockingRouter",
+    "Breaker",
     "BreakerConfig",
     "Channel",
     "ChannelConfig",
@@ -50,18 +61,23 @@ __all__ = [
     "ChannelUnavailable",
     "Clock",
     "ConfigError",
+    "Eligibility",
+    "Failover",
     "FailoverError",
     "IdempotencyConflict",
     "Journal",
     "JournalError",
+    "JournalStats",
     "LimitsConfig",
     "MaintenanceWindow",
     "MemoryJournal",
     "Outcome",
     "PendingReason",
+    "Record",
     "Repayment",
     "RepaymentResult",
     "RepaymentStatus",
+    "Resolution",
     "RetryBudgetConfig",
     "RetryConfig",
     "Router",

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+import threading
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
+from failover._clock import Clock
 from failover._models import ChannelRequest, ChannelResult
 
 
@@ -28,22 +32,89 @@ class Channel(Protocol):
     def query(self, request: ChannelRequest) -> Awaitable[ChannelResult] | ChannelResult: ...
 
 
-Call = Callable[[ChannelRequest], Awaitable[ChannelResult]]
+Call = Callable[[ChannelRequest], Awaitable[Any]]
 
 
-def as_async(method: Callable[[ChannelRequest], Any]) -> Call:
-    """Wrap a channel method so it can always be awaited."""
-    if inspect.iscoroutinefunction(method):
-        return method
+def is_sync(method: Callable[..., Any]) -> bool:
+    """Whether an adapter method is a plain ``def`` (run on a worker thread)."""
+    return not inspect.iscoroutinefunction(method)
 
-    async def in_thread(request: ChannelRequest) -> ChannelResult:
-        # A blocking adapter must not stall the event loop (and every other repayment).
-        result: Any = await asyncio.to_thread(method, request)
-        if inspect.isawaitable(result):
-            result = await result
-        return result  # type: ignore[no-any-return]
 
-    return in_thread
+class SyncRunner:
+    """The bounded set of threads one plain-``def`` channel runs on.
+
+    A thread cannot be stopped: when the router's timeout fires, the call goes on.
+    So each call gets its own daemon thread (a hung one never blocks the process at
+    exit, as a pool's would), at most ``workers`` at once per channel (a hung channel
+    cannot starve another channel, the journal or ``close()``), and the future it
+    answers through stays readable after the timeout: the router treats the attempt
+    as in doubt while the thread lives, and journals its answer when it comes.
+    """
+
+    _KEEP = 100_000
+
+    def __init__(self, name: str, workers: int) -> None:
+        self.name = name
+        self.workers = workers
+        self.busy = 0
+        self._running: dict[str, int] = {}
+        self._ended: dict[str, datetime] = {}
+
+    def track(self, reference: str, thread: asyncio.Future[Any], clock: Clock) -> None:
+        """Count a submit as running until its thread ends, whoever stops waiting for it
+        (a timeout, a router closed or abandoned in this process)."""
+        self._running[reference] = self._running.get(reference, 0) + 1
+
+        def ended(_: asyncio.Future[Any]) -> None:
+            left = self._running.pop(reference, 1) - 1
+            if left > 0:
+                self._running[reference] = left
+            self._ended.pop(reference, None)
+            self._ended[reference] = clock.now()
+            if len(self._ended) > self._KEEP:  # oldest first: a dict keeps insertion order
+                del self._ended[next(iter(self._ended))]
+
+        thread.add_done_callback(ended)
+
+    def running(self, reference: str) -> bool:
+        """Whether a submit with ``reference`` is still running on a thread."""
+        return reference in self._running
+
+    def ended_at(self, reference: str) -> datetime | None:
+        """When the last submit with ``reference`` ended."""
+        return self._ended.get(reference)
+
+    def start(
+        self, method: Callable[[ChannelRequest], Any], request: ChannelRequest
+    ) -> asyncio.Future[Any] | None:
+        """Start ``method(request)`` on a thread, or ``None`` if every worker is busy."""
+        if self.busy >= self.workers:
+            return None
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self.busy += 1
+
+        def settle(value: Any, error: BaseException | None) -> None:
+            self.busy -= 1
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(value)
+
+        def work() -> None:
+            value: Any = None
+            error: BaseException | None = None
+            try:
+                value = method(request)
+            except BaseException as exc:  # handed to the loop, which decides what it means
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the loop is gone: the process is ending
+                loop.call_soon_threadsafe(settle, value, error)
+
+        threading.Thread(target=work, name=f"failover-sync:{self.name}", daemon=True).start()
+        return future
 
 
 def check_channel(channel: object) -> None:

@@ -87,7 +87,7 @@ async def run_demo(
     accepted: list[str] = []
     with tempfile.TemporaryDirectory(prefix="failover-demo-") as folder:
         path = journal_path or Path(folder) / "journal.db"
-        router = Router(channels, SQLiteJournal(path), CONFIG, clock=clock, sleep=clock.sleep,
+        router = Router(channels, SQLiteJournal(path), CONFIG, clock=clock,
                         hooks=[watch])
         async with router:
             for i in range(repayments):

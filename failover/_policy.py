@@ -14,11 +14,13 @@ from typing import Any
 import pybreaker
 
 from failover._channel import Call
-from failover._clock import Clock
+from failover._clock import Clock, SystemClock
 from failover._errors import ChannelUnavailable
 from failover._models import ChannelRequest, ChannelResult, Outcome
 from failover.config import BreakerConfig, RetryBudgetConfig
 from failover.events import BreakerClosed, BreakerHalfOpened, BreakerOpened, Hook, emit
+
+_SYSTEM_CLOCK = SystemClock()
 
 CLOSED, OPEN, HALF_OPEN = pybreaker.STATE_CLOSED, pybreaker.STATE_OPEN, pybreaker.STATE_HALF_OPEN
 
@@ -191,28 +193,68 @@ class RetryBudget:
 
 async def invoke(
     call: Call, request: ChannelRequest, timeout_s: float,
-    codes: Mapping[str, str] | None = None,
+    codes: Mapping[str, str] | None = None, clock: Clock | None = None,
 ) -> ChannelResult:
-    """Call an adapter and turn whatever happens into a ``ChannelResult``.
+    """Call an adapter and turn whatever happens into a ``ChannelResult``: the one
+    place where exceptions become outcomes.
 
-    ``ChannelUnavailable`` means nothing was collected; a timeout or any other
-    exception means the outcome is unknown.  Cancellation propagates: it is
-    never a channel failure.
+    ``ChannelUnavailable`` means nothing was collected; the timeout (on ``clock``)
+    and any other exception mean the outcome is unknown, ``CancelledError`` raised
+    by the adapter itself included.  Only the router's own cancellation (of the task
+    making the call) propagates: it is never a channel's answer.  So do
+    ``KeyboardInterrupt`` and ``SystemExit``: the process is going down, and the
+    attempt stays "sent" for recovery.
     """
     try:
-        async with asyncio.timeout(timeout_s):
-            result = await call(request)
-    except ChannelUnavailable as exc:
-        result = ChannelResult.unavailable(exc.code, exc.detail)
+        async with (clock or _SYSTEM_CLOCK).timeout(timeout_s):
+            value = await call(request)
     except TimeoutError:
         # Our own codes (timeout, adapter_error, bad_result) are never remapped: the
         # operator's map classifies what providers say, not what nobody heard.
         return ChannelResult.unknown("timeout", f"no answer within {timeout_s}s")
-    except Exception as exc:
-        return ChannelResult.unknown("adapter_error", f"{type(exc).__name__}: {exc}")
-    if not isinstance(result, ChannelResult):
-        return ChannelResult.unknown("bad_result", f"adapter returned {type(result).__name__}")
-    return reclassify(result, codes) if codes else result
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # the router's own cancellation
+        return ChannelResult.unknown("adapter_cancelled", "the adapter raised CancelledError")
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:
+        return answer_of(error=exc, codes=codes)
+    return answer_of(value, codes=codes)
+
+
+def answer_of(
+    value: object = None, *, error: BaseException | None = None,
+    codes: Mapping[str, str] | None = None,
+) -> ChannelResult:
+    """What an adapter's return value (or exception) says, checked and reclassified."""
+    if error is not None:
+        if isinstance(error, ChannelUnavailable):
+            result = ChannelResult.unavailable(error.code, error.detail)
+            return reclassify(result, codes) if codes else result
+        return ChannelResult.unknown("adapter_error", f"{type(error).__name__}: {error}")
+    problem = _malformed(value)
+    if problem is not None:
+        return ChannelResult.unknown("bad_result", problem)
+    assert isinstance(value, ChannelResult)
+    return reclassify(value, codes) if codes else value
+
+
+def _malformed(value: object) -> str | None:
+    """Why ``value`` is not a usable ``ChannelResult``, or ``None``.
+
+    Checked field by field: a journal must never be handed a value it cannot store
+    (an outcome given as a plain string, a numeric code)."""
+    if not isinstance(value, ChannelResult):
+        return f"adapter returned {type(value).__name__}, not a ChannelResult"
+    if not isinstance(value.outcome, Outcome):
+        return f"outcome {value.outcome!r} is not a failover.Outcome"
+    for name in ("channel_reference", "code", "detail"):
+        field_value = getattr(value, name)
+        if field_value is not None and not isinstance(field_value, str):
+            return f"{name} {field_value!r} is not a string"
+    return None
 
 
 def reclassify(result: ChannelResult, codes: Mapping[str, str]) -> ChannelResult:

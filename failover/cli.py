@@ -324,11 +324,20 @@ async def _reconcile_data(config_path: Path, journal_path: Path) -> dict[str, An
     from failover._router import Router
 
     _check_file(config_path)
+    # The repayments pending now: opening the router already resolves them (recovery),
+    # so they are listed first and reported on, whichever of the two settled them.
+    reader = _open_journal(journal_path, read_only=True)
+    await reader.open()
+    try:
+        keys = await reader.pending_keys()
+    finally:
+        await reader.close()
     journal = _open_journal(journal_path, read_only=False)
     router = Router.from_config(config_path, journal=journal)
     async with router:
         await router.wait_recovered()
-        results = await router.reconcile()
+        await router.reconcile()
+        results = [result for key in keys if (result := await router.get(key)) is not None]
         stats = await journal.stats()
     return {
         "reconciled": len(results),

@@ -225,6 +225,19 @@ class ChannelConfig(_Model):
     options: dict[str, Any] = Field(default_factory=dict)
     timeout_s: float = Field(default=10.0, gt=0)
     """One call; past it the outcome is ``UNKNOWN``."""
+    settle_s: float = Field(default=5.0, ge=0)
+    """How long after a submit was sent a ``NOT_FOUND`` from a status query counts as
+    proof that nothing was collected.  A request cut off by a timeout can still be in
+    the network or in the provider's queue; a query made sooner than this is asked
+    again once the time has passed (within the deadline), or the repayment waits
+    ``PENDING``.  The default, 5 s, covers a congested network round trip and a
+    provider's processing queue under load; raise it for a gateway known to queue
+    longer (its documentation's "status may lag" figure)."""
+    sync_workers: int = Field(default=8, ge=1)
+    """Threads a plain-``def`` adapter may use at once.  Each such channel has its own
+    pool: a channel whose calls hang cannot take threads from another channel, the
+    journal or ``close()``.  A submit that finds every thread busy is ``UNAVAILABLE``
+    (``sync_workers_busy``): nothing was sent."""
     retry: RetryConfig = RetryConfig()
     breaker: BreakerConfig = BreakerConfig()
     limits: LimitsConfig = LimitsConfig()

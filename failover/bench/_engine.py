@@ -24,7 +24,7 @@ from failover.bench._scenarios import BASELINE, IDEMPOTENT, Scenario
 from failover.config import ChannelConfig, RouterConfig
 from failover.events import BreakerOpened, Event
 from failover.journal import MemoryJournal
-from failover.testing import FaultProfile, MemoryLedger, SimulatedChannel
+from failover.testing import FaultProfile, MemoryLedger, SimulatedChannel, crash
 
 STRATEGIES = ("naive", "retry-only", "failover")
 
@@ -163,7 +163,7 @@ class Failover(Strategy):
 
     def _router(self) -> Router:
         return Router(self.channels, self.journal, self.config, clock=self.clock,
-                      sleep=asyncio.sleep, hooks=[self._event])
+                      hooks=[self._event])
 
     def _event(self, event: Event) -> None:
         if isinstance(event, BreakerOpened):
@@ -178,7 +178,7 @@ class Failover(Strategy):
 
     async def crash(self) -> None:
         self._breaker_history += self.breaker_log()
-        self.router._abandon()
+        crash(self.router)
         await asyncio.sleep(0)
         self.router = self._router()  # breakers start closed again, as in a new process
         await self.router.open()

@@ -1,6 +1,6 @@
 """Journals: the durable record of every repayment and attempt."""
 
-from failover.journal._base import Failover, Journal, JournalStats, Record
+from failover.journal._base import Failover, Journal, JournalStats, Record, Resolution
 from failover.journal._memory import MemoryJournal
 from failover.journal._sqlite import SCHEMA_VERSION, SQLiteJournal
 
@@ -11,5 +11,6 @@ __all__ = [
     "JournalStats",
     "MemoryJournal",
     "Record",
+    "Resolution",
     "SQLiteJournal",
 ]

@@ -1,0 +1,179 @@
+"""The channel set: lanes (a channel with its configuration and breaker), their
+order, and eligibility, on one path for the router, ``Router.explain`` and the CLI."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from failover._channel import Channel, SyncRunner, check_channel, is_sync
+from failover._clock import Clock
+from failover._eligibility import BREAKER_OPEN, Eligibility, priority_order, refusal
+from failover._errors import ConfigError
+from failover._flow import LanePlan
+from failover._policy import Breaker, Permit
+from failover.config import ChannelConfig, RouterConfig
+from failover.events import Hook
+
+_RUNNERS: weakref.WeakKeyDictionary[object, dict[str, SyncRunner]] = weakref.WeakKeyDictionary()
+
+
+@dataclass(slots=True)
+class Lane:
+    """One channel with its configuration, breaker and (plain-``def`` adapters) threads."""
+
+    channel: Channel
+    config: ChannelConfig
+    breaker: Breaker
+    runner: SyncRunner | None
+    """Set when ``submit`` is a plain ``def``."""
+    query_runner: SyncRunner | None
+
+    @property
+    def name(self) -> str:
+        return self.channel.name
+
+    @property
+    def idempotent(self) -> bool:
+        return bool(getattr(self.channel, "idempotent", False))
+
+    def plan(self, reference: str) -> LanePlan:
+        retry = self.config.retry
+        return LanePlan(
+            self.name, reference, self.idempotent, retry.max_attempts,
+            retry.initial_backoff_s, retry.max_backoff_s, self.config.settle_s,
+        )
+
+
+@dataclass(slots=True)
+class Layout:
+    """A configuration and its lanes in priority order: what ``reconfigure`` swaps.
+
+    A repayment is driven under the layout it started with; lanes are named, never
+    compared by identity, so a reload between two steps cannot make a channel vanish."""
+
+    config: RouterConfig
+    lanes: dict[str, Lane] = field(default_factory=dict)
+    order: tuple[str, ...] = ()
+
+    def refusal(self, name: str, amount: Decimal, currency: str, clock: Clock) -> str | None:
+        """Why channel ``name`` cannot take this money now (configuration or breaker)."""
+        lane = self.lanes[name]
+        ruled_out = refusal(lane.config, amount, currency, clock.now)
+        if ruled_out is not None:
+            return f"{ruled_out[0]}: {ruled_out[1]}"
+        if not lane.breaker.admits():
+            return BREAKER_OPEN
+        return None
+
+    def admit(
+        self, name: str, amount: Decimal, currency: str, clock: Clock
+    ) -> tuple[str | None, Permit | None]:
+        """Eligibility and a breaker permit: (None, permit) or (why not, None)."""
+        reason = self.refusal(name, amount, currency, clock)
+        if reason is not None:
+            return reason, None
+        permit = self.lanes[name].breaker.acquire()
+        if permit is None:
+            return BREAKER_OPEN, None
+        return None, permit
+
+    def names_for(self, preference: Sequence[str] | None) -> tuple[str, ...]:
+        """The pass order: the preference (restricted to known channels) or priority."""
+        if preference is None:
+            return self.order
+        return tuple(name for name in preference if name in self.lanes)
+
+    def explain(
+        self, amount: Decimal, currency: str, clock: Clock,
+        preference: Sequence[str] | None = None,
+    ) -> list[Eligibility]:
+        verdicts = []
+        for name in self.names_for(preference):
+            lane = self.lanes[name]
+            ruled_out = refusal(lane.config, amount, currency, clock.now())
+            if ruled_out is None and not lane.breaker.admits():
+                ruled_out = (BREAKER_OPEN, f"circuit breaker {lane.breaker.state}")
+            reason, detail = ruled_out if ruled_out else (None, None)
+            verdicts.append(Eligibility(name, reason, detail))
+        return verdicts
+
+
+class ChannelSet:
+    """The router's channels: builds layouts, keeps breakers across reloads."""
+
+    def __init__(
+        self, channels: Sequence[Channel], config: RouterConfig, clock: Clock,
+        hooks: Sequence[Hook] = (),
+    ) -> None:
+        self._channels = list(channels)
+        self._clock = clock
+        self._hooks = hooks
+        self._runners: dict[str, SyncRunner] = {}
+        self.layout = self._build(config, {})
+
+    def _build(self, config: RouterConfig, breakers: Mapping[str, Breaker]) -> Layout:
+        names: list[str] = []
+        for channel in self._channels:
+            check_channel(channel)
+            if channel.name in names:
+                raise ConfigError(f"two channels are named {channel.name!r}")
+            names.append(channel.name)
+        if not names:
+            raise ConfigError("a router needs at least one channel")
+        unknown = sorted(set(config.channels) - set(names))
+        if unknown:
+            raise ConfigError(
+                f"configuration names channels the router does not have: {', '.join(unknown)}"
+                f" (channels: {', '.join(names)})"
+            )
+        layout = Layout(config)
+        for channel in self._channels:
+            channel_config = config.channel(channel.name)
+            breaker = breakers.get(channel.name)
+            if breaker is None:
+                breaker = Breaker(channel.name, channel_config.breaker, self._clock, self._hooks)
+            else:
+                breaker.reconfigure(channel_config.breaker)
+            layout.lanes[channel.name] = Lane(
+                channel, channel_config, breaker,
+                self._runner(channel, "submit", channel_config),
+                self._runner(channel, "query", channel_config),
+            )
+        layout.order = priority_order(config, names)
+        return layout
+
+    def _runner(self, channel: Channel, method: str, config: ChannelConfig) -> SyncRunner | None:
+        if not is_sync(getattr(channel, method)):
+            return None
+        # One per adapter object, kept across reloads and across routers in this process:
+        # a router opened after another closed still sees the threads it left running.
+        try:
+            runners = _RUNNERS.setdefault(channel, {})
+        except TypeError:  # an adapter that cannot be weakly referenced: this router only
+            runners = self._runners
+        runner = runners.setdefault(method, SyncRunner(channel.name, config.sync_workers))
+        runner.workers = config.sync_workers
+        return runner
+
+    def reconfigure(self, config: RouterConfig) -> Layout:
+        breakers = {name: lane.breaker for name, lane in self.layout.lanes.items()}
+        self.layout = self._build(config, breakers)
+        return self.layout
+
+    def check_preference(self, channels: Sequence[str] | None) -> tuple[str, ...] | None:
+        """A per-repayment preference as names, or ``ConfigError`` naming unknown ones."""
+        if channels is None:
+            return None
+        if isinstance(channels, str):
+            raise ConfigError("channels must be a list of channel names, not one string")
+        names = tuple(channels)
+        unknown = [name for name in names if name not in self.layout.lanes]
+        if unknown:
+            raise ConfigError(
+                f"unknown channel name(s) in channels=: {', '.join(map(repr, unknown))}"
+                f" (known: {', '.join(self.layout.order)})"
+            )
+        return tuple(dict.fromkeys(names))

@@ -1,0 +1,444 @@
+"""The executor: carries out the repayment flow's actions.  The only code that calls
+channels and writes the journal on a repayment's behalf.
+
+Policies around one channel call, outer to inner, are applied here in this order:
+retry budget (``Admit(retry=True)``) → breaker permit (``Admit``) → the close gate →
+the timeout on the router's clock → the adapter (``invoke``).  The retry loop
+itself, backoff and deadline included, is the flow's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, cast
+
+from failover._channel import Call as AdapterCall
+from failover._channels import Lane, Layout
+from failover._clock import Clock
+from failover._errors import RouterClosedError, UnknownRepayment
+from failover._flow import (
+    Action,
+    Admit,
+    Answer,
+    Begin,
+    Call,
+    Doubt,
+    Emit,
+    Finish,
+    Pending,
+    Plan,
+    Query,
+    Record,
+    Resolve,
+    Wait,
+    repayment_flow,
+)
+from failover._models import (
+    Attempt,
+    ChannelRequest,
+    ChannelResult,
+    PendingReason,
+    Repayment,
+    RepaymentResult,
+    RepaymentStatus,
+)
+from failover._policy import Permit, RetryBudget, answer_of, breaker_failure, invoke
+from failover.events import (
+    AttemptFinished,
+    AttemptResolved,
+    AttemptStarted,
+    Event,
+    Hook,
+    RepaymentFailed,
+    RepaymentPending,
+    RepaymentSucceeded,
+    RetryBudgetExhausted,
+    emit,
+)
+from failover.journal._base import Journal, Resolution
+from failover.journal._base import Record as JournalRecord
+
+_log = logging.getLogger("failover")
+
+
+def make_reference(key: str, round: int, channel: str) -> str:
+    """The reference of a repayment on a channel in a round.
+
+    Derived, not random: every retry, every restart and every instance computes
+    the same one, so an idempotent channel deduplicates and ``query`` finds it.
+    A new round (``retry(key)``) gets a new one, so a deduplicating channel does
+    not simply replay its old decline.
+    """
+    digest = hashlib.blake2b(f"{key}\x1f{round}\x1f{channel}".encode(), digest_size=12)
+    return f"fo-{digest.hexdigest()}"
+
+
+@dataclass(slots=True)
+class _Drive:
+    """One repayment being driven: its record, layout and the permits it holds."""
+
+    record: JournalRecord
+    layout: Layout
+    permits: dict[str, Permit] = field(default_factory=dict)
+    running: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
+    """Attempt number -> the thread of a plain-``def`` submit that outlived its timeout."""
+    result: RepaymentResult | None = None
+
+    def request(self, reference: str) -> ChannelRequest:
+        record = self.record
+        return ChannelRequest(
+            repayment_key=record.key, reference=reference, account=record.account,
+            amount=record.amount, currency=record.currency, metadata=record.metadata,
+        )
+
+
+class Executor:
+    """Runs flows against the journal and the channels."""
+
+    def __init__(
+        self, journal: Journal, clock: Clock, hooks: Sequence[Hook], budget: RetryBudget,
+        *, query_attempts: int, query_backoff_s: float,
+        on_late_answer: Callable[[str], None],
+    ) -> None:
+        self._journal = journal
+        self._clock = clock
+        self._hooks = tuple(hooks)
+        self._budget = budget
+        self._query_attempts = query_attempts
+        self._query_backoff_s = query_backoff_s
+        self._on_late_answer = on_late_answer
+        self.closing = True
+        """The gate: while set, no channel call starts (closed, or closing)."""
+        self.opened_wall: datetime = clock.now()
+        self.late_writes: set[asyncio.Task[None]] = set()
+
+    def open(self) -> None:
+        self.opened_wall = self._clock.now()
+        self.closing = False
+
+    def _emit(self, event: Event) -> None:
+        if self._hooks:
+            emit(self._hooks, event)
+
+    def _gate(self, key: str) -> None:
+        if self.closing:
+            raise RouterClosedError(f"the router is closing: repayment {key!r} stops here")
+
+    # ---- entry points ----------------------------------------------------------
+
+    async def start(
+        self, repayment: Repayment, preference: tuple[str, ...] | None, layout: Layout,
+        intent: asyncio.Future[JournalRecord],
+    ) -> RepaymentResult:
+        """A repayment ``repay()`` brought: its intent, with the first attempt "sent" in
+        the same write, then the flow.  Runs in the repayment's own task, so a caller
+        cancelled while the intent is written leaves it driven all the same."""
+        opening = None
+        permits: dict[str, Permit] = {}
+        try:
+            for name in layout.names_for(preference):
+                self._gate(repayment.key)
+                _, permit = layout.admit(name, repayment.amount, repayment.currency,
+                                              self._clock)
+                if permit is not None:
+                    permits[name] = permit
+                    opening = name
+                    self._budget.record_call()
+                    break
+            first = None if opening is None else (opening, make_reference(repayment.key, 1,
+                                                                           opening))
+            record, created = await self._journal.create(
+                repayment, preference, self._clock.now(), first_attempt=first
+            )
+        except BaseException as exc:
+            for name, permit in permits.items():
+                layout.lanes[name].breaker.release(permit)
+            if not intent.done():
+                if isinstance(exc, asyncio.CancelledError):
+                    intent.cancel()
+                else:
+                    intent.set_exception(exc)
+                    intent.exception()  # retrieved: a caller that went away must not warn
+            raise
+        intent.set_result(record)
+        if not created:
+            for name, permit in permits.items():
+                layout.lanes[name].breaker.release(permit)
+            if record.status is not RepaymentStatus.PENDING:
+                return record.result()
+            return await self.drive(record, layout)
+        return await self._run(
+            _Drive(record, layout, permits),
+            opening=None if opening is None else (opening, 1),
+        )
+
+    async def drive(self, record: JournalRecord | None, layout: Layout,
+                    key: str | None = None) -> RepaymentResult:
+        """Resume a repayment from its journaled state (recovery, reconcile, retry)."""
+        if record is None:
+            assert key is not None
+            record = await self._journal.load(key)
+            if record is None:
+                raise UnknownRepayment(key)
+        if record.status is not RepaymentStatus.PENDING:
+            return record.result()
+        return await self._run(_Drive(record, layout))
+
+    # ---- the loop ---------------------------------------------------------------
+
+    def _plan(self, drive: _Drive, opening: tuple[str, int] | None) -> Plan:
+        record, layout = drive.record, drive.layout
+        names = layout.names_for(record.preference)
+        attempts = record.round_attempts()
+        return Plan(
+            key=record.key,
+            round=record.round,
+            order=names,
+            lanes={name: layout.lanes[name].plan(make_reference(record.key, record.round, name))
+                   for name in names},
+            started=self._clock.monotonic(),
+            deadline_s=layout.config.deadline_s,
+            attempts=attempts,
+            doubts=self._doubts(attempts, layout) if opening is None else (),
+            opening=opening,
+            query_attempts=self._query_attempts,
+            query_backoff_s=self._query_backoff_s,
+        )
+
+    def _doubts(self, attempts: Sequence[Attempt], layout: Layout) -> tuple[Doubt, ...]:
+        """The attempts in doubt, with the latest moment each request may have been sent."""
+        now_wall, now = self._clock.now(), self._clock.monotonic()
+        latest: dict[tuple[str, str], datetime] = {}
+        for attempt in attempts:
+            if not attempt.in_doubt:
+                continue
+            lane = layout.lanes.get(attempt.channel)
+            ended = None if lane is None or lane.runner is None \
+                else lane.runner.ended_at(attempt.reference)
+            if attempt.finished_at is not None:
+                sent_by = attempt.finished_at
+            elif attempt.started_at < self.opened_wall:
+                sent_by = self.opened_wall  # left "sent" by a process that stopped before we opened
+            else:
+                sent_by = now_wall  # ours, and we lost its answer: it could go out until now
+            if ended is not None:  # a thread of this process sent it, and ended then
+                sent_by = max(sent_by, ended)
+            slot = (attempt.channel, attempt.reference)
+            latest[slot] = max(latest.get(slot, sent_by), sent_by)
+        return tuple(
+            Doubt(channel, reference, now - (now_wall - when).total_seconds())
+            for (channel, reference), when in latest.items()
+        )
+
+    async def _run(self, drive: _Drive, opening: tuple[str, int] | None = None
+                   ) -> RepaymentResult:
+        flow = repayment_flow(self._plan(drive, opening))
+        try:
+            action = next(flow)
+            while True:
+                action = flow.send(await self._perform(action, drive))
+        except StopIteration:
+            pass
+        finally:
+            flow.close()
+            # The one place a permit not used by a call is given back.
+            for name, permit in drive.permits.items():
+                drive.layout.lanes[name].breaker.release(permit)
+            drive.permits.clear()
+        assert drive.result is not None
+        return drive.result
+
+    async def _perform(self, action: Action, drive: _Drive) -> Answer:
+        record = drive.record
+        clock = self._clock
+        if isinstance(action, Call):
+            return await self._call(action, drive)
+        if isinstance(action, Record):
+            await self._record(action, drive)
+        elif isinstance(action, Begin):
+            self._gate(record.key)
+            number = await self._journal.begin_attempt(
+                record.key, record.round, action.channel, action.reference, clock.now())
+            return Answer(clock.monotonic(), number=number)
+        elif isinstance(action, Admit):
+            return Answer(clock.monotonic(), refusal=self._admit(action, drive))
+        elif isinstance(action, Query):
+            return await self._query(action, drive)
+        elif isinstance(action, Resolve):
+            result = action.result
+            await self._journal.resolve_attempts(
+                record.key, record.round, action.reference, result.outcome, clock.now(),
+                result.channel_reference)
+            self._emit(AttemptResolved(record.key, action.channel, action.reference,
+                                       result.outcome))
+        elif isinstance(action, Wait):
+            await clock.sleep(action.seconds)
+        elif isinstance(action, Emit):
+            self._emit(action.event)
+        elif isinstance(action, Finish):
+            await self._finish(action, drive)
+        elif isinstance(action, Pending):
+            await self._journal.set_pending(
+                record.key, record.round, PendingReason.AWAITING_CHANNEL, action.channel,
+                action.code, clock.now())
+            self._emit(RepaymentPending(record.key, action.channel, action.code))
+            stored = await self._journal.load(record.key)
+            assert stored is not None
+            drive.result = stored.result()
+        return Answer(clock.monotonic())
+
+    def _admit(self, action: Admit, drive: _Drive) -> str | None:
+        record = drive.record
+        self._gate(record.key)
+        if action.retry:
+            if not self._budget.try_retry():
+                self._emit(RetryBudgetExhausted(record.key, action.channel))
+                return "retry_budget"
+        else:
+            self._budget.record_call()
+        reason, permit = drive.layout.admit(action.channel, record.amount, record.currency,
+                                            self._clock)
+        if permit is not None:
+            drive.permits[action.channel] = permit
+        return reason
+
+    async def _call(self, action: Call, drive: _Drive) -> Answer:
+        lane = drive.layout.lanes[action.channel]
+        key = drive.record.key
+        permit = drive.permits.pop(action.channel)
+        try:
+            # The gate is checked with no await before the adapter starts: once close()
+            # has begun, no call starts.
+            self._gate(key)
+        except BaseException:
+            lane.breaker.release(permit)
+            raise
+        request = drive.request(action.reference)
+        if self._hooks:
+            self._emit(AttemptStarted(key, lane.name, action.reference, action.number))
+        started = self._clock.monotonic()
+        running = False
+        try:
+            if lane.runner is not None:
+                result, thread = await self._call_thread(lane, request)
+                if thread is not None:
+                    running = True
+                    drive.running[action.number] = thread
+            else:
+                submit = cast(AdapterCall, lane.channel.submit)  # async: no runner
+                result = await invoke(submit, request, lane.config.timeout_s,
+                                      lane.config.codes, self._clock)
+        except BaseException:
+            # Cancelled (the router is closing or the process is going down): neither a
+            # success nor a failure of the channel.
+            lane.breaker.release(permit)
+            raise
+        lane.breaker.record(permit, failed=breaker_failure(result.outcome))
+        if self._hooks:
+            self._emit(AttemptFinished(key, lane.name, action.reference, result.outcome,
+                                       result.code, self._clock.monotonic() - started))
+        return Answer(self._clock.monotonic(), result=result, running=running)
+
+    async def _call_thread(
+        self, lane: Lane, request: ChannelRequest
+    ) -> tuple[ChannelResult, asyncio.Future[Any] | None]:
+        """A plain-``def`` submit: its answer, and its thread's future if it outlived the
+        timeout (then it is still running, and the attempt stays in doubt)."""
+        assert lane.runner is not None
+        thread = lane.runner.start(lane.channel.submit, request)
+        if thread is None:
+            return ChannelResult.unavailable(
+                "sync_workers_busy", f"all {lane.runner.workers} threads of {lane.name} busy"
+            ), None
+        lane.runner.track(request.reference, thread, self._clock)
+
+        async def wait(_: ChannelRequest) -> Any:
+            return await asyncio.shield(thread)
+
+        result = await invoke(wait, request, lane.config.timeout_s, lane.config.codes,
+                              self._clock)
+        return result, None if thread.done() else thread
+
+    async def _record(self, action: Record, drive: _Drive) -> None:
+        record = drive.record
+        await self._journal.finish_attempt(record.key, action.number, action.result,
+                                           self._clock.now())
+        thread = drive.running.pop(action.number, None)
+        if thread is not None:
+            # Journaled after the timeout's answer, so the thread's own answer is the last word.
+            lane = drive.layout.lanes[action.channel]
+            reference = make_reference(record.key, record.round, action.channel)
+            thread.add_done_callback(
+                lambda done: self._late(record.key, action.number, reference, lane, done))
+
+    def _late(self, key: str, number: int, reference: str, lane: Lane,
+              thread: asyncio.Future[Any]) -> None:
+        """A plain-``def`` submit answered after its timeout: journal its answer."""
+        error = thread.exception()
+        result = answer_of(thread.result() if error is None else None, error=error,
+                           codes=lane.config.codes)
+
+        if self.closing:
+            return  # closed: the attempt is left in doubt for the next open, as a crash leaves it
+
+        async def write() -> None:
+            await self._journal.finish_attempt(key, number, result, self._clock.now())
+            self._on_late_answer(key)
+
+        task = asyncio.get_running_loop().create_task(write(), name=f"failover-late:{key}")
+        self.late_writes.add(task)
+        task.add_done_callback(self._late_written)
+
+    def _late_written(self, task: asyncio.Task[None]) -> None:
+        self.late_writes.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            _log.error("could not journal a late answer", exc_info=task.exception())
+
+    async def _query(self, action: Query, drive: _Drive) -> Answer:
+        lane = drive.layout.lanes[action.channel]
+        self._gate(drive.record.key)
+        request = drive.request(action.reference)
+        asked = self._clock.monotonic()
+        if lane.query_runner is not None:
+            thread = lane.query_runner.start(lane.channel.query, request)
+            if thread is None:
+                result = ChannelResult.unknown("sync_workers_busy", "no thread for the query")
+            else:
+                async def wait(_: ChannelRequest) -> Any:
+                    return await asyncio.shield(thread)
+
+                result = await invoke(wait, request, lane.config.timeout_s, lane.config.codes,
+                                      self._clock)
+        else:
+            query = cast(AdapterCall, lane.channel.query)  # async: no runner
+            result = await invoke(query, request, lane.config.timeout_s,
+                                  lane.config.codes, self._clock)
+        return Answer(self._clock.monotonic(), result=result, asked_at=asked,
+                      running=lane.runner is not None and lane.runner.running(action.reference))
+
+    async def _finish(self, action: Finish, drive: _Drive) -> None:
+        record = drive.record
+        resolution = None
+        if action.resolution is not None:
+            reference, answer = action.resolution
+            resolution = Resolution(reference, answer.outcome, answer.channel_reference)
+        final = await self._journal.finish(
+            record.key, record.round, action.status, action.channel,
+            action.channel_reference, action.code, self._clock.now(),
+            attempt=action.attempt, resolution=resolution,
+        )
+        if self._hooks:
+            if resolution is not None:
+                self._emit(AttemptResolved(record.key, action.channel or "",
+                                           resolution.reference, resolution.outcome))
+            attempts = len(final.round_attempts())
+            if action.status is RepaymentStatus.SUCCEEDED:
+                self._emit(RepaymentSucceeded(record.key, action.channel or "", attempts))
+            else:
+                self._emit(RepaymentFailed(record.key, action.code or "failed", attempts))
+        drive.result = final.result()
