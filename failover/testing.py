@@ -8,21 +8,26 @@ give the same answers, so a failing property test can be replayed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import random
 import sqlite3
 import threading
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from failover._clock import Clock, Sleep, SystemClock, real_sleep
+from failover._clock import Clock, SystemClock
 from failover._errors import ChannelUnavailable
 from failover._models import ChannelRequest, ChannelResult, RepaymentResult, RepaymentStatus
+
+if TYPE_CHECKING:
+    from failover._router import Router
 
 __all__ = [
     "HANG",
@@ -37,15 +42,20 @@ __all__ = [
     "ScriptedChannel",
     "SimulatedChannel",
     "SimulatedCrash",
+    "SyncSimulatedChannel",
     "assert_invariants",
     "audit",
+    "crash",
 ]
 
 
 class FakeClock:
     """A clock that moves only when told: ``sleep`` advances it instead of waiting.
 
-    Pass it as both ``clock=`` and ``sleep=clock.sleep`` to a ``Router``.
+    Pass it as ``clock=`` to a ``Router``: the router reads, sleeps and times calls
+    out on it.  A ``timeout`` expires when the clock is moved past it (``advance``,
+    ``set`` or a ``sleep``), or at the latest after as many real seconds, so that a
+    call that hangs in a test still ends.
     """
 
     def __init__(self, start: datetime = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)) -> None:
@@ -53,6 +63,7 @@ class FakeClock:
             raise ValueError("start must be timezone-aware")
         self._start = start
         self._elapsed = 0.0
+        self._timers: list[_FakeTimeout] = []
         self.sleeps: list[float] = []
         """Every sleep asked for, in order (tests check backoff with it)."""
 
@@ -66,6 +77,9 @@ class FakeClock:
         if seconds < 0:
             raise ValueError("a clock does not go back")
         self._elapsed += seconds
+        due = [timer for timer in self._timers if timer.deadline <= self._elapsed]
+        for timer in due:
+            timer.expire()
 
     def set(self, moment: datetime) -> None:
         """Jump to a wall time (not before the current one)."""
@@ -73,8 +87,49 @@ class FakeClock:
 
     async def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
-        self._elapsed += max(seconds, 0.0)
+        self.advance(max(seconds, 0.0))
         await asyncio.sleep(0)  # still let other tasks run, as a real sleep would
+
+    def timeout(self, seconds: float) -> AbstractAsyncContextManager[object]:
+        return _FakeTimeout(self, seconds)
+
+
+class _FakeTimeout:
+    """``asyncio.timeout`` that also expires when a ``FakeClock`` passes its deadline."""
+
+    def __init__(self, clock: FakeClock, seconds: float) -> None:
+        self._clock = clock
+        self._seconds = seconds
+        self.deadline = clock.monotonic() + seconds
+        self._inner: asyncio.Timeout | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def __aenter__(self) -> _FakeTimeout:
+        self._loop = asyncio.get_running_loop()
+        self._inner = asyncio.timeout(max(self._seconds, 0.0))
+        await self._inner.__aenter__()
+        self._clock._timers.append(self)
+        if self._seconds <= 0:
+            self.expire()
+        return self
+
+    def expire(self) -> None:
+        # Through the loop: the clock may be moved from outside it (a test between steps).
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon(self._expire_now)
+
+    def _expire_now(self) -> None:
+        if self._inner is not None and self._loop is not None and not self._inner.expired():
+            with contextlib.suppress(RuntimeError):  # the block has been left meanwhile
+                self._inner.reschedule(self._loop.time())
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> bool | None:
+        self._clock._timers.remove(self)
+        assert self._inner is not None
+        await self._inner.__aexit__(exc_type, exc, tb)  # raises TimeoutError if it expired
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,21 +155,48 @@ class FaultProfile:
     """Share of submits that raise ``SimulatedCrash`` before anything happens."""
     crash_after: float = 0.0
     """Share of submits that collect and then raise ``SimulatedCrash`` (the process died)."""
+    not_found_collected: float = 0.0
+    """Share of submits that collect and answer ``NOT_FOUND`` (a confused gateway)."""
+    late_apply: float = 0.0
+    """Share of submits that answer a timeout and collect ``late_apply_s`` later: the
+    request was still in the provider's queue."""
+    late_apply_s: float = 0.0
+    """How long a late-applied submit waits in the queue (keep it within ``settle_s``)."""
+    raise_cancelled: float = 0.0
+    """Share of submits that collect and then raise ``asyncio.CancelledError`` (an
+    adapter bug that must read as an unknown outcome)."""
+    overrun: float = 0.0
+    """Share of submits of a plain-``def`` channel (``SyncSimulatedChannel``) whose
+    thread outlives the router's timeout: it blocks until ``release_overruns()``,
+    then collects or not (half each)."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, float) and f.name != "latency_s" and not 0 <= value <= 1:
+            if isinstance(value, float) and f.name not in ("latency_s", "late_apply_s") \
+                    and not 0 <= value <= 1:
                 # jitter is a fraction too, so it shares the [0, 1] check
                 raise ValueError(f"{f.name} must be a probability in [0, 1], got {value}")
         total = (self.reject + self.decline + self.unavailable + self.unknown_collected
-                 + self.unknown_not_collected + self.crash_before + self.crash_after)
+                 + self.unknown_not_collected + self.crash_before + self.crash_after
+                 + self.not_found_collected + self.late_apply + self.raise_cancelled
+                 + self.overrun)
         if total > 1:
             raise ValueError(f"probabilities add up to {total}, more than 1")
 
     def healed(self) -> FaultProfile:
         """The same latency, no faults."""
-        return FaultProfile(latency_s=self.latency_s, jitter=self.jitter)
+        return FaultProfile(latency_s=self.latency_s, jitter=self.jitter,
+                            late_apply_s=self.late_apply_s)
+
+
+def crash(router: Router) -> None:
+    """Stop ``router`` as if its process died this instant: every repayment in flight
+    stops where it is, nothing more is written, calls in the air are abandoned, and
+    the journal may be opened by a new router (as after a restart).  Its callers get
+    ``RouterClosedError``."""
+    router._abandon()
+    router._forget_journal()
 
 
 class SimulatedCrash(BaseException):
@@ -235,7 +317,7 @@ class SimulatedChannel:
         seed: int = 0,
         idempotent: bool = True,
         clock: Clock | None = None,
-        sleep: Sleep | None = None,
+        sleep: Callable[[float], Awaitable[None]] | None = None,
         ledger: Ledger | str | Path | None = None,
     ) -> None:
         self.name = name
@@ -246,11 +328,16 @@ class SimulatedChannel:
             profile = FaultProfile(**fields)
         self.profile = profile or FaultProfile()
         self.clock = clock or SystemClock()
-        self._sleep = sleep or getattr(clock, "sleep", None) or real_sleep
+        self._sleep = sleep or self.clock.sleep
         self.ledger = _as_ledger(ledger)
+        self.on_crash: Callable[[], None] | None = None
+        """Called when a crash fault fires (e.g. ``lambda: crash(router)``); without it
+        the fault raises ``SimulatedCrash``, which the router takes as an unknown outcome."""
+        self._seed = seed
         self._rng = random.Random(f"{seed}/{name}")
         self._latency_rng = random.Random(f"{seed}/{name}/latency")
         self._answers: dict[str, ChannelResult] = {}
+        self._queued: list[tuple[float, ChannelRequest]] = []
         self._serial = 0
         self.submits = 0
         self.queries = 0
@@ -280,10 +367,17 @@ class SimulatedChannel:
         """Decide, act (collect), then take ``latency_s`` to answer: a caller that gives
         up while waiting has lost the answer to a call that may have collected."""
         self.submits += 1
+        self.apply_due()
         profile = self.profile
         if self.in_outage():
             raise ChannelUnavailable("outage", f"{self.name} is down")
-        answer = self._decide(profile, request)
+        try:
+            answer = self._decide(profile, request)
+        except SimulatedCrash:
+            if self.on_crash is None:
+                raise
+            self.on_crash()  # the process dies mid-call: this call never answers
+            await asyncio.Event().wait()
         await self._delay(profile)
         return answer
 
@@ -294,7 +388,10 @@ class SimulatedChannel:
                 return ChannelResult.succeeded(done.channel_reference)
             if request.reference in self._answers:
                 return self._answers[request.reference]
-        roll = self._rng.random()
+            if any(queued.reference == request.reference for _, queued in self._queued):
+                self._queued = [q for q in self._queued if q[1].reference != request.reference]
+                return ChannelResult.succeeded(self._collect(request))
+        roll = self._roll(request)
         for share, action in (
             (profile.reject, "reject"),
             (profile.decline, "decline"),
@@ -303,6 +400,10 @@ class SimulatedChannel:
             (profile.unknown_not_collected, "unknown_not_collected"),
             (profile.crash_before, "crash_before"),
             (profile.crash_after, "crash_after"),
+            (profile.not_found_collected, "not_found_collected"),
+            (profile.late_apply, "late_apply"),
+            (profile.raise_cancelled, "raise_cancelled"),
+            (profile.overrun, "overrun"),
         ):
             if roll < share:
                 return self._act(action, request)
@@ -325,13 +426,42 @@ class SimulatedChannel:
             return ChannelResult.unknown("timeout", "collected, answer lost")
         if action == "unknown_not_collected":
             return ChannelResult.unknown("timeout", "not collected, answer lost")
+        if action == "not_found_collected":
+            self._collect(request)
+            return ChannelResult.not_found()
+        if action == "late_apply":
+            self._queued.append((self.clock.monotonic() + self.profile.late_apply_s, request))
+            return ChannelResult.unknown("timeout", "queued, applied later")
+        if action == "raise_cancelled":
+            self._collect(request)
+            raise asyncio.CancelledError("adapter bug")
+        if action == "overrun":
+            return self._overrun(request)
         if action == "crash_after":
             self._collect(request)
         raise SimulatedCrash(f"{self.name}: simulated crash ({action})")
 
+    def _overrun(self, request: ChannelRequest) -> ChannelResult:
+        # An async channel cannot outlive its call: it answers a timeout, collecting nothing.
+        return ChannelResult.unknown("timeout", "not collected, answer lost")
+
+    def _roll(self, request: ChannelRequest) -> float:
+        return self._rng.random()
+
+    def apply_due(self) -> None:
+        """Collect the queued submits whose time has come (the provider's queue moves)."""
+        now = self.clock.monotonic()
+        due = [item for item in self._queued if item[0] <= now]
+        self._queued = [item for item in self._queued if item[0] > now]
+        for _, request in due:
+            if self.idempotent and self.ledger.find(self.name, request.reference) is not None:
+                continue  # a resubmit with the same reference was applied already
+            self._collect(request)
+
     async def query(self, request: ChannelRequest) -> ChannelResult:
         self.queries += 1
         await self._delay(self.profile)
+        self.apply_due()
         if self.in_outage():
             raise ChannelUnavailable("outage", f"{self.name} is down")
         if self._rng.random() < self.profile.query_failure:
@@ -343,6 +473,76 @@ class SimulatedChannel:
         if answer is not None:
             return answer
         return ChannelResult.not_found()
+
+
+class _Overrun(Exception):
+    def __init__(self, collects: bool) -> None:
+        self.collects = collects
+
+
+class SyncSimulatedChannel(SimulatedChannel):
+    """A ``SimulatedChannel`` written with plain ``def`` methods, as a blocking SDK's
+    adapter would be: the router runs it on threads.  Its ``overrun`` fault blocks a
+    submit's thread past the router's timeout until ``release_overruns()``.  Latency
+    is not simulated (a thread cannot sleep on a fake clock).
+
+    Its draws depend on the request, not on the order threads run in, so a seeded
+    run is the same run whatever the scheduler does."""
+
+    def __init__(self, name: str, profile: FaultProfile | Mapping[str, Any] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(name, profile, **kwargs)
+        self._lock = threading.RLock()
+        self._gate = threading.Event()
+        self._calls: Counter[str] = Counter()
+        self.overrunning = 0
+        """Threads blocked past their timeout right now."""
+
+    def _roll(self, request: ChannelRequest) -> float:
+        self._calls[request.reference] += 1
+        count = self._calls[request.reference]
+        return random.Random(f"{self._seed}/{self.name}/{request.reference}/{count}").random()
+
+    def _overrun(self, request: ChannelRequest) -> ChannelResult:
+        raise _Overrun(collects=self._roll(request) < 0.5)
+
+    def release_overruns(self) -> None:
+        """Let every blocked thread finish (and block none after, until ``hold_overruns``)."""
+        self._gate.set()
+
+    def hold_overruns(self) -> None:
+        self._gate.clear()
+
+    def submit(self, request: ChannelRequest) -> ChannelResult:  # type: ignore[override]
+        with self._lock:
+            self.submits += 1
+            self.apply_due()
+            if self.in_outage():
+                raise ChannelUnavailable("outage", f"{self.name} is down")
+            try:
+                return self._decide(self.profile, request)
+            except _Overrun as overrun:
+                collects = overrun.collects
+                self.overrunning += 1
+        self._gate.wait()
+        with self._lock:
+            self.overrunning -= 1
+            if collects:
+                return ChannelResult.succeeded(self._collect(request))
+            return ChannelResult.declined("insufficient_funds", "balance too low")
+
+    def query(self, request: ChannelRequest) -> ChannelResult:  # type: ignore[override]
+        with self._lock:
+            self.queries += 1
+            self.apply_due()
+            if self.in_outage():
+                raise ChannelUnavailable("outage", f"{self.name} is down")
+            if self._roll(request) < self.profile.query_failure:
+                return ChannelResult.unknown("query_timeout", "status query timed out")
+            done = self.ledger.find(self.name, request.reference)
+            if done is not None:
+                return ChannelResult.succeeded(done.channel_reference)
+            return self._answers.get(request.reference) or ChannelResult.not_found()
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 import failover
 from failover.testing import FakeClock
@@ -33,6 +33,12 @@ settings.register_profile(
     parent=settings.get_profile("ci"),
     max_examples=25,
     stateful_step_count=20,
+)
+settings.register_profile(
+    # The ci sizes without shrinking: for hunting failures fast while developing.
+    "hunt",
+    parent=settings.get_profile("ci"),
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
 )
 settings.load_profile(os.environ.get("FAILOVER_HYPOTHESIS_PROFILE", "ci"))
 
@@ -72,7 +78,6 @@ async def make_router(
     async def build(channels: list[Any], config: failover.RouterConfig | None = None,
                     **kw: Any) -> failover.Router:
         kw.setdefault("clock", clock)
-        kw.setdefault("sleep", clock.sleep)
         router = failover.Router(channels, kw.pop("journal", journal), config, **kw)
         await router.open()
         opened.append(router)
@@ -80,7 +85,7 @@ async def make_router(
 
     yield build
     for router in opened:
-        await router.close()
+        await router.close(grace_s=0)
 
 
 def fast(**channels: dict[str, Any]) -> failover.RouterConfig:

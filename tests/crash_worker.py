@@ -23,7 +23,8 @@ FAULTY = {
 CONFIG = failover.RouterConfig.model_validate({
     "deadline_s": 30,
     "channels": {
-        name: {"retry": {"initial_backoff_s": 0.001, "max_backoff_s": 0.01},
+        # settle_s: these simulated channels apply a submit before answering, never later.
+        name: {"retry": {"initial_backoff_s": 0.001, "max_backoff_s": 0.01}, "settle_s": 0.05,
                "breaker": {"fail_max": 5, "reset_timeout_s": 0.2}}
         for name in FAULTY
     },

@@ -17,7 +17,7 @@ from failover import (
     Outcome,
     RepaymentStatus,
 )
-from failover.testing import HANG, ScriptedChannel
+from failover.testing import HANG, FakeClock, ScriptedChannel
 
 from .conftest import fast, repayment
 
@@ -140,7 +140,7 @@ def test_blocking_router(tmp_path):
                               queries=[ChannelResult.unknown()] * 3)
     backup = ScriptedChannel("backup")
     with failover.BlockingRouter([primary, backup], failover.SQLiteJournal(tmp_path / "j.db"),
-                                 sleep=_no_sleep) as router:
+                                 clock=FakeClock()) as router:
         pending = router.repay(repayment())
         [reconciled] = router.reconcile()
         fetched = router.get(repayment().key)
@@ -149,10 +149,6 @@ def test_blocking_router(tmp_path):
     assert (RepaymentStatus.SUCCEEDED, "backup") == (reconciled.status, reconciled.channel)
     assert reconciled == fetched
     assert 1 == len(backup.ledger.collections())
-
-
-async def _no_sleep(seconds: float) -> None:
-    return None
 
 
 @pytest.mark.parametrize(
@@ -245,8 +241,8 @@ async def test_closing_the_router_mid_call_leaves_it_for_recovery(make_router, j
     caller = asyncio.create_task(router.repay(repayment()))
     await asyncio.wait_for(entered.wait(), 10)  # the call is in the air
 
-    await router.close()
-    with pytest.raises(asyncio.CancelledError):
+    await router.close(grace_s=0)
+    with pytest.raises(failover.RouterClosedError):
         await caller
     stored_before = await _load(journal, repayment().key)
 
@@ -255,7 +251,8 @@ async def test_closing_the_router_mid_call_leaves_it_for_recovery(make_router, j
     reopened = await make_router([hanging], journal=journal)
     await reopened.wait_recovered()
     result = await reopened.get(repayment().key)
-    assert 1 == len(hanging.query_requests)
+    # Asked at once, then again once settle_s had passed: only that NOT_FOUND is proof.
+    assert 2 == len(hanging.query_requests)
     assert Outcome.NOT_FOUND == result.attempts[0].resolution
 
 
@@ -275,7 +272,8 @@ async def test_router_timeout_is_unknown(make_router):
     result = await router.repay(repayment())
 
     assert (Outcome.UNKNOWN, "timeout") == (result.attempts[0].outcome, result.attempts[0].code)
-    assert (1, "backup") == (len(primary.query_requests), result.channel)
+    # The NOT_FOUND asked at once is not proof; the one asked after settle_s is.
+    assert (2, "backup") == (len(primary.query_requests), result.channel)
 
 
 async def test_retry_starts_a_new_round_with_new_references(make_router):

@@ -13,7 +13,7 @@ import pytest
 
 import failover
 from failover.cli import main
-from failover.testing import FaultProfile, SimulatedChannel, SQLiteLedger
+from failover.testing import FakeClock, FaultProfile, SimulatedChannel, SQLiteLedger
 
 from .conftest import repayment
 
@@ -43,7 +43,7 @@ def pending_journal(tmp_path: Path) -> tuple[Path, Path, Path]:
 
     async def fill() -> None:
         async with failover.Router([primary, backup], failover.SQLiteJournal(journal),
-                                   sleep=_instant) as router:
+                                   clock=FakeClock()) as router:
             for i in range(3):
                 await router.repay(repayment(key=f"pending-{i}"))
             primary.profile = FaultProfile(unavailable=1.0)
@@ -51,10 +51,6 @@ def pending_journal(tmp_path: Path) -> tuple[Path, Path, Path]:
 
     asyncio.run(fill())
     return journal, ledger, config
-
-
-async def _instant(seconds: float) -> None:
-    return None
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

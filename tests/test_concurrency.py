@@ -28,7 +28,7 @@ async def test_500_concurrent_repays_with_duplicates_collect_each_key_once(journ
     calls = keys + random.Random(7).choices(keys, k=200)
     random.Random(8).shuffle(calls)
 
-    async with failover.Router(channels, journal, clock=clock, sleep=clock.sleep) as router:
+    async with failover.Router(channels, journal, clock=clock) as router:
         results = await asyncio.gather(
             *(router.repay(repayment(key=k, amount=Decimal(10))) for k in calls)
         )

@@ -80,7 +80,7 @@ def test_from_config_builds_adapters_named_by_the_file(tmp_path):
 
     assert ("auto_debit", "bank_card", "wallet") == router.channel_names
     assert (False, True) == (router.breaker("auto_debit") is None,
-                             router._layout.lanes["bank_card"].idempotent)
+                             router._channels.layout.lanes["bank_card"].idempotent)
 
 
 def test_from_config_refuses_a_bad_file_before_starting(tmp_path):

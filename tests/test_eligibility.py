@@ -155,7 +155,7 @@ async def test_reconfigure_under_load(journal):
     never_trip = {"breaker": {"fail_max": 10_000}, "retry": {"max_attempts": 1}}
     old = fast(a={"priority": 1, **never_trip}, b={"priority": 2}, c={"priority": 3})
     new = fast(a={"priority": 3, **never_trip}, b={"priority": 2}, c={"priority": 1})
-    async with failover.Router([a, b, c], journal, old, clock=clock, sleep=clock.sleep) as router:
+    async with failover.Router([a, b, c], journal, old, clock=clock) as router:
         in_flight = [asyncio.create_task(router.repay(repayment(key=f"old-{i}")))
                      for i in range(100)]
         await asyncio.wait_for(all_waiting.wait(), 10)  # all 100 wait inside channel a

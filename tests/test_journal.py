@@ -26,7 +26,7 @@ async def test_intent_is_written_before_the_channel_is_called(journal, clock):
             seen.append(await journal.load(request.repayment_key))
             return await super().submit(request)
 
-    async with failover.Router([Peek("card")], journal, clock=clock, sleep=clock.sleep) as router:
+    async with failover.Router([Peek("card")], journal, clock=clock) as router:
         await router.repay(repayment())
 
     [record] = seen

@@ -1,6 +1,12 @@
 """Property tests: the real Router against simulated channels, with faults, crashes and
 resubmits, the invariants of DESIGN §4 checked against the channels' ledgers after every step.
 
+Besides channel faults the machine generates, by itself, the paths that took money twice
+or broke the contract before: submits answering NOT_FOUND, plain-``def`` adapters whose
+threads outlive the timeout (auto_debit is one), gateways that apply a submit late,
+close/open cycles with calls in the air, reloads while intents are written, callers
+cancelled mid-write, adapters raising CancelledError, and crashes during reconcile.
+
 Sizes come from the Hypothesis profile loaded in conftest.py ("ci": 200 examples x 50 steps).
 Everything is seeded by Hypothesis' draws; a failure prints the blob that replays it.
 """
@@ -27,7 +33,7 @@ from hypothesis.stateful import (
 )
 
 import failover
-from failover import IdempotencyConflict, Outcome, Repayment, RepaymentStatus
+from failover import IdempotencyConflict, Outcome, Repayment, RepaymentStatus, _decisions
 from failover._decisions import Verdict
 from failover.testing import (
     FakeClock,
@@ -35,8 +41,10 @@ from failover.testing import (
     MemoryLedger,
     SimulatedChannel,
     SimulatedCrash,
+    SyncSimulatedChannel,
     assert_invariants,
     audit,
+    crash,
 )
 
 CHANNELS = ("auto_debit", "card", "wallet")
@@ -53,15 +61,35 @@ PROFILES = {
                            query_failure=0.2),
     "black_hole": FaultProfile(unknown_collected=0.5, unknown_not_collected=0.5,
                                query_failure=1.0),
+    "confused": FaultProfile(not_found_collected=0.4, query_failure=0.3),
+    "queued": FaultProfile(late_apply=0.5, late_apply_s=4.0),
+    "buggy": FaultProfile(raise_cancelled=0.4),
+    "overrunning": FaultProfile(overrun=0.5),
 }
+SETTLE_S = 5.0
 CONFIG = failover.RouterConfig.model_validate({
     "deadline_s": 60,
     "channels": {
         name: {"retry": {"max_attempts": 3, "initial_backoff_s": 0.1, "max_backoff_s": 1},
-               "breaker": {"fail_max": 4, "reset_timeout_s": 20}}
+               "breaker": {"fail_max": 4, "reset_timeout_s": 20}, "settle_s": SETTLE_S,
+               # auto_debit runs on threads; a FakeClock timeout also ends after as many
+               # real seconds, so an overrunning thread costs 20 ms of real time.
+               "timeout_s": 0.02 if name == "auto_debit" else 10}
         for name in CHANNELS
     },
 })
+RELOADS = [
+    failover.RouterConfig.model_validate({
+        **CONFIG.model_dump(),
+        "channels": {name: {**CONFIG.channels[name].model_dump(), "priority": rank,
+                            "enabled": name != disabled}
+                     for rank, name in enumerate(order)},
+    })
+    for order, disabled in [
+        (CHANNELS, None), (CHANNELS[::-1], None), (("card", "auto_debit", "wallet"), "wallet"),
+        (CHANNELS, "auto_debit"),
+    ]
+]
 SHM = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
 
 
@@ -87,10 +115,14 @@ class CrashingJournal:
                 self.armed_after -= 1
                 if self.armed_after < 0:
                     self.armed_after = None
+                    self.on_crash()
                     raise SimulatedCrash(f"crash after journal {name}")
             return value
 
         return write
+
+    def on_crash(self) -> None:
+        """Set by the machine: stops the router, as the process dying would."""
 
 
 class RouterMachine(RuleBasedStateMachine):
@@ -108,6 +140,7 @@ class RouterMachine(RuleBasedStateMachine):
         self.succeeded: dict[str, str | None] = {}
         self.serial = 0
         self.crashes = 0
+        self.callers: dict[asyncio.Task, Repayment] = {}
         self.seen_pending = False
         self.folder = tempfile.mkdtemp(prefix="failover-prop-", dir=SHM)
         self.journal: failover.Journal = self._journal()
@@ -126,16 +159,22 @@ class RouterMachine(RuleBasedStateMachine):
 
     def open_router(self) -> None:
         self.crashing = CrashingJournal(self.journal)
-        self.router = self.router_class(
-            list(self.channels.values()), self.crashing, CONFIG,
-            clock=self.clock, sleep=self.clock.sleep,
+        self.router = router = self.router_class(
+            list(self.channels.values()), self.crashing, self.config,
+            clock=self.clock,
         )
+        self.crashing.on_crash = lambda: crash(router)
+        for channel in self.channels.values():
+            if not isinstance(channel, SyncSimulatedChannel):
+                channel.on_crash = lambda: crash(router)
         self.run(self.router.open())
 
     @initialize(seed=st.integers(0, 2**32 - 1))
     def start(self, seed: int) -> None:
+        self.config = CONFIG
         for name in CHANNELS:
-            self.channels[name] = SimulatedChannel(
+            kind = SyncSimulatedChannel if name == "auto_debit" else SimulatedChannel
+            self.channels[name] = kind(
                 name, PROFILES["healthy"], seed=seed, idempotent=IDEMPOTENT[name],
                 clock=self.clock, ledger=self.ledger,
             )
@@ -145,7 +184,7 @@ class RouterMachine(RuleBasedStateMachine):
         """Drop the router without closing it (nothing more is written), reopen the journal."""
         assert self.router is not None
         self.crashes += 1
-        self.router._abandon()
+        crash(self.router)
         self.run(asyncio.sleep(0))  # let the cancelled tasks unwind, as a dying process would
         if self.journal_kind == "sqlite":
             self.run(self.journal.close())
@@ -156,42 +195,124 @@ class RouterMachine(RuleBasedStateMachine):
         assert self.router is not None
         try:
             self.run(self.router.repay(repayment))
-        except SimulatedCrash:
+        except (SimulatedCrash, failover.RouterClosedError):
             self.crash_and_restart()
 
-    @rule(target=keys, amount=st.integers(1, 500_000))
-    def submit(self, amount: int) -> str:
+    def new_repayment(self, amount: int = 1000) -> Repayment:
         self.serial += 1
         key = f"loan-{self.serial}"
         repayment = Repayment(key=key, account=f"acct-{self.serial:08d}",
                               amount=Decimal(amount).scaleb(-2), currency="CNY")
         self.accepted[key] = repayment
+        return repayment
+
+    def start_callers(self, count: int) -> list[asyncio.Task]:
+        """New repayments whose repay() has begun (its task registered), not finished."""
+        assert self.router is not None
+        tasks = []
+        for _ in range(count):
+            tasks.append(self.spawn(self.new_repayment()))
+        self.run(asyncio.sleep(0))  # each repay() runs to its first await
+        return tasks
+
+    def spawn(self, repayment: Repayment) -> asyncio.Task:
+        assert self.router is not None
+        task = self.loop.create_task(self.router.repay(repayment))
+        self.callers[task] = repayment
+        return task
+
+    def step(self, steps: int) -> None:
+        for _ in range(steps):
+            self.run(asyncio.sleep(0))
+
+    def finish_callers(self, tasks: list[asyncio.Task], reopen: bool = False) -> None:
+        """Wait for the callers; a caller told the router closed tries again (a client's
+        retry), on a router opened anew if ``reopen``, as a service's client would."""
+        outcomes = self.run(asyncio.gather(*tasks, return_exceptions=True))
+        errors = [o for o in outcomes if isinstance(o, BaseException)
+                  and not isinstance(o, SimulatedCrash | failover.RouterClosedError
+                                     | asyncio.CancelledError)]
+        assert not errors, errors
+        again = [self.callers.pop(task) for task, outcome in zip(tasks, outcomes, strict=True)
+                 if isinstance(outcome, failover.RouterClosedError | SimulatedCrash)
+                 and task in self.callers]
+        for task in tasks:
+            self.callers.pop(task, None)
+        if reopen:
+            self.reopen()
+        elif any(isinstance(o, SimulatedCrash | failover.RouterClosedError) for o in outcomes):
+            self.crash_and_restart()
+        for repayment in again:
+            self.repay(repayment)
+
+    def reopen(self) -> None:
+        if self.journal_kind == "sqlite":
+            self.run(self.journal.close())
+            self.journal = self._journal()
+        self.open_router()
+
+    @rule(target=keys, amount=st.integers(1, 500_000))
+    def submit(self, amount: int) -> str:
+        repayment = self.new_repayment(amount)
         self.repay(repayment)
-        return key
+        return repayment.key
+
+    @rule(count=st.integers(1, 4), steps=st.integers(0, 6), grace=st.sampled_from([0, 0.5]))
+    def close_with_calls_in_air(self, count: int, steps: int, grace: float) -> None:
+        """close(grace_s) while repayments are being written and called; a new router
+        (a rolling deploy) opens the journal right after."""
+        assert self.router is not None
+        tasks = self.start_callers(count)
+        self.step(steps)
+        with contextlib.suppress(SimulatedCrash):
+            self.run(self.router.close(grace_s=grace))
+        self.finish_callers(tasks, reopen=True)
+
+    @rule(count=st.integers(1, 4), steps=st.integers(0, 6),
+          reload=st.integers(0, len(RELOADS) - 1))
+    def reload_while_writing(self, count: int, steps: int, reload: int) -> None:
+        """reconfigure() between the steps of repayments in flight."""
+        assert self.router is not None
+        tasks = self.start_callers(count)
+        self.step(steps)
+        self.config = RELOADS[reload]
+        self.router.reconfigure(self.config)
+        self.finish_callers(tasks)
+
+    @rule(steps=st.integers(1, 6))
+    def cancel_a_caller(self, steps: int) -> None:
+        """A caller gives up while its intent or its calls are in flight: the repayment
+        carries on without it."""
+        [task] = self.start_callers(1)
+        self.step(steps - 1)
+        task.cancel()
+        self.finish_callers([task])
+
+    @rule()
+    def overrunning_threads_finish(self) -> None:
+        """Plain-def submits that outlived their timeout answer at last."""
+        channel = self.channels["auto_debit"]
+        assert isinstance(channel, SyncSimulatedChannel)
+        channel.release_overruns()
+        self.wait_for_threads()
+        channel.hold_overruns()
+
+    def wait_for_threads(self) -> None:
+        channel = self.channels["auto_debit"]
+        assert isinstance(channel, SyncSimulatedChannel)
+        for _ in range(2000):  # bounded: real threads, released, end within milliseconds
+            if channel.overrunning == 0:
+                break
+            self.run(asyncio.sleep(0.001))
+        self.step(5)  # their answers reach the loop and the journal
 
     @rule(count=st.integers(2, 8), duplicates=st.integers(0, 3))
     def submit_concurrently(self, count: int, duplicates: int) -> None:
         """Several repayments at once, some keys twice; a crash takes them all down."""
         assert self.router is not None
-        batch = []
-        for _ in range(count):
-            self.serial += 1
-            key = f"loan-{self.serial}"
-            self.accepted[key] = Repayment(key=key, account="acct-batch", amount="10.00",
-                                           currency="CNY")
-            batch.append(self.accepted[key])
+        batch = [self.new_repayment() for _ in range(count)]
         batch += batch[:duplicates]
-
-        async def all_at_once():
-            return await asyncio.gather(*(self.router.repay(r) for r in batch),
-                                        return_exceptions=True)
-
-        outcomes = self.run(all_at_once())
-        if any(isinstance(o, SimulatedCrash) for o in outcomes):
-            self.crash_and_restart()
-        else:
-            errors = [o for o in outcomes if isinstance(o, BaseException)]
-            assert not errors, errors
+        self.finish_callers([self.spawn(repayment) for repayment in batch])
 
     @rule(key=keys)
     def resubmit_same(self, key: str) -> None:
@@ -229,29 +350,41 @@ class RouterMachine(RuleBasedStateMachine):
         assert self.router is not None
         try:
             self.run(self.router.reconcile())
-        except SimulatedCrash:
+        except (SimulatedCrash, failover.RouterClosedError):
             self.crash_and_restart()
+
+    @rule(writes=st.integers(0, 6))
+    def reconcile_and_crash_between_writes(self, writes: int) -> None:
+        """The process dies right after the n-th journal write of a reconcile."""
+        self.crashing.armed_after = writes
+        self.reconcile()
+        self.crashing.armed_after = None
 
     @rule(key=keys)
     def retry_failed(self, key: str) -> None:
         assert self.router is not None
-        try:
-            self.run(self.router.retry(key))
-        except SimulatedCrash:
-            self.crash_and_restart()
+        router = self.router
+        # Twice at once: both callers join one new round.
+        self.finish_callers([self.loop.create_task(router.retry(key)) for _ in range(2)])
+
+    def heal(self) -> None:
+        for channel in self.channels.values():
+            channel.profile = PROFILES["healthy"]
+        self.overrunning_threads_finish()
+        self.clock.advance(60)  # past every breaker's reset timeout and settle_s
 
     @rule()
     def heal_and_reconcile(self) -> None:
-        for channel in self.channels.values():
-            channel.profile = PROFILES["healthy"]
-        self.clock.advance(60)  # past every breaker's reset timeout
+        self.heal()
         self.reconcile()
 
     def results(self) -> dict[str, failover.RepaymentResult | None]:
         assert self.router is not None
+        if not self.router.is_open:  # a crash in background work (recovery) stopped it
+            self.crash_and_restart()
         router = self.router
-        if not router._open:
-            return {}
+        for channel in self.channels.values():
+            channel.apply_due()  # the providers' queues move with time, asked or not
 
         async def fetch():
             return {key: await router.get(key) for key in self.accepted}
@@ -265,7 +398,7 @@ class RouterMachine(RuleBasedStateMachine):
         results = self.results()
         snapshot = audit(results, [self.ledger])
         self.seen_pending = self.seen_pending or snapshot.pending > 0
-        assert_invariants(snapshot)
+        self.check(snapshot, results)
         for key, result in results.items():
             if result is not None and result.status is RepaymentStatus.SUCCEEDED:
                 # Terminal is final: a success never changes.
@@ -274,27 +407,43 @@ class RouterMachine(RuleBasedStateMachine):
             elif key in self.succeeded:
                 raise AssertionError(f"{key} was SUCCEEDED and is now {result}")
 
+    def check(self, snapshot, results, allow_pending: bool = True) -> None:
+        """assert_invariants, and on failure what the journal and the ledger say of each key."""
+        try:
+            assert_invariants(snapshot, allow_pending=allow_pending)
+        except AssertionError as failure:
+            troubled = {*snapshot.duplicates, *snapshot.lost, *snapshot.false_successes,
+                        *snapshot.strays, *([] if allow_pending else snapshot.pending_keys)}
+            lines = [str(failure)]
+            for key in sorted(troubled)[:3]:
+                lines.append(f"{key}: {results.get(key)}")
+                collected = [c for c in self.ledger.collections() if c.repayment_key == key]
+                lines.append(f"  collected: {collected}")
+            raise AssertionError("\n".join(lines)) from None
+
     def teardown(self) -> None:
         try:
             if self.router is not None:
-                for channel in self.channels.values():
-                    channel.profile = PROFILES["healthy"]
-                self.clock.advance(60)
+                self.heal()
                 for _ in range(3):  # a crash during recovery is itself recovered
                     try:
                         self.run(self.router.wait_recovered())
                         self.run(self.router.reconcile())
                         break
-                    except SimulatedCrash:
+                    except (SimulatedCrash, failover.RouterClosedError):
                         self.crash_and_restart()
-                final = audit(self.results(), [self.ledger])
+                results = self.results()
+                final = audit(results, [self.ledger])
                 # Coverage of the interesting paths, shown by --hypothesis-show-statistics.
                 event(f"crashes: {min(self.crashes, 3)}{'+' if self.crashes >= 3 else ''}")
                 event(f"saw pending: {self.seen_pending}")
                 event(f"failed at the end: {final.failed > 0}")
-                assert_invariants(final, allow_pending=False)
-                self.run(self.router.close())
+                self.check(final, results, allow_pending=False)
+                self.run(self.router.close(grace_s=0))
         finally:
+            channel = self.channels.get("auto_debit")
+            if isinstance(channel, SyncSimulatedChannel):
+                channel.release_overruns()
             if self.journal_kind == "sqlite":
                 with contextlib.suppress(Exception):
                     self.run(self.journal.close())
@@ -316,23 +465,21 @@ def test_router_keeps_the_invariants_on_sqlite_journal():
     run_state_machine_as_test(SQLiteRouterMachine)
 
 
-class FailsOverOnUnknown(failover.Router):
-    """A deliberately wrong router: treats an unknown outcome as 'not collected'."""
-
-    def _submit_verdict(self, outcome: Outcome) -> Verdict:
-        if outcome is Outcome.UNKNOWN:
-            return Verdict.NOT_COLLECTED
-        return super()._submit_verdict(outcome)
+AFTER_SUBMIT = _decisions.after_submit
 
 
-class MutantMachine(RouterMachine):
-    router_class = FailsOverOnUnknown
+def fails_over_on_unknown(outcome: Outcome) -> Verdict:
+    """A deliberately wrong decision: an unknown outcome taken as 'not collected'."""
+    if outcome is Outcome.UNKNOWN:
+        return Verdict.NOT_COLLECTED
+    return AFTER_SUBMIT(outcome)
 
 
-def test_property_test_has_teeth():
-    """The same state machine finds a duplicate in a router that fails over on UNKNOWN."""
+def test_property_test_has_teeth(monkeypatch):
+    """The same state machine finds a duplicate when the flow fails over on UNKNOWN."""
+    monkeypatch.setattr(_decisions, "after_submit", fails_over_on_unknown)
     # Its own sizes, whatever the profile: it stops at the first duplicate it finds.
     hunt = settings(settings.get_profile("ci"), max_examples=200, stateful_step_count=50,
                     phases=[Phase.generate], print_blob=False)
     with pytest.raises(AssertionError, match="duplicates"):
-        run_state_machine_as_test(MutantMachine, settings=hunt)
+        run_state_machine_as_test(RouterMachine, settings=hunt)
