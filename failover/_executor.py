@@ -125,9 +125,13 @@ class Executor:
         if self._hooks:
             emit(self._hooks, event)
 
-    def _gate(self, key: str) -> None:
+    def _gate(self, key: str, accepted: bool = True) -> None:
         if self.closing:
-            raise RouterClosedError(f"the router is closing: repayment {key!r} stops here")
+            if not accepted:
+                raise RouterClosedError(f"the router is closing: repayment {key!r} was not"
+                                        " accepted; call repay() again on an open router")
+            raise RouterClosedError(f"the router is closing: repayment {key!r} stops here and"
+                                    " resumes on the next open")
 
     # ---- entry points ----------------------------------------------------------
 
@@ -141,8 +145,8 @@ class Executor:
         opening = None
         permits: dict[str, Permit] = {}
         try:
+            self._gate(repayment.key, accepted=False)
             for name in layout.names_for(preference):
-                self._gate(repayment.key)
                 _, permit = layout.admit(name, repayment.amount, repayment.currency,
                                               self._clock)
                 if permit is not None:

@@ -57,16 +57,17 @@ class Registry:
     async def join(task: asyncio.Task[RepaymentResult]) -> RepaymentResult:
         """Wait for ``task``; cancelling the caller stops its wait, not the repayment.
 
-        A task stopped by ``close()`` answers its callers ``RouterClosedError``: their
-        repayment is journaled and resumes on the next open."""
+        A task stopped by ``close()`` answers its callers ``RouterClosedError``: if its
+        intent was written it resumes on the next open; either way a ``repay()`` of the
+        same key there joins or starts it, and it is collected at most once."""
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             caller = asyncio.current_task()
             if task.cancelled() and not (caller is not None and caller.cancelling()):
                 raise RouterClosedError(
-                    "the router closed before this repayment ended; it resumes on the next"
-                    " open") from None
+                    "the router closed before this repayment ended: call repay() with the"
+                    " same key on an open router (it is never collected twice)") from None
             raise
 
     async def after(self, key: str) -> None:
