@@ -39,10 +39,11 @@ class Lane:
     def idempotent(self) -> bool:
         return bool(getattr(self.channel, "idempotent", False))
 
-    def plan(self, reference: str) -> LanePlan:
+    def spec(self) -> LanePlan:
+        """What the repayment flow needs to know of this channel."""
         retry = self.config.retry
         return LanePlan(
-            self.name, reference, self.idempotent, retry.max_attempts,
+            self.name, self.idempotent, retry.max_attempts,
             retry.initial_backoff_s, retry.max_backoff_s, self.config.settle_s,
         )
 
@@ -57,6 +58,7 @@ class Layout:
     config: RouterConfig
     lanes: dict[str, Lane] = field(default_factory=dict)
     order: tuple[str, ...] = ()
+    specs: dict[str, LanePlan] = field(default_factory=dict)
 
     def refusal(self, name: str, amount: Decimal, currency: str, clock: Clock) -> str | None:
         """Why channel ``name`` cannot take this money now (configuration or breaker)."""
@@ -143,6 +145,7 @@ class ChannelSet:
                 self._runner(channel, "query", channel_config),
             )
         layout.order = priority_order(config, names)
+        layout.specs = {name: lane.spec() for name, lane in layout.lanes.items()}
         return layout
 
     def _runner(self, channel: Channel, method: str, config: ChannelConfig) -> SyncRunner | None:

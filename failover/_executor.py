@@ -10,7 +10,6 @@ itself, backoff and deadline included, is the flow's.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from typing import Any, cast
 from failover._channel import Call as AdapterCall
 from failover._channels import Lane, Layout
 from failover._clock import Clock
-from failover._errors import RouterClosedError, UnknownRepayment
+from failover._errors import IdempotencyConflict, RouterClosedError, UnknownRepayment
 from failover._flow import (
     Action,
     Admit,
@@ -36,6 +35,7 @@ from failover._flow import (
     Record,
     Resolve,
     Wait,
+    make_reference,
     repayment_flow,
 )
 from failover._models import (
@@ -66,24 +66,21 @@ from failover.journal._base import Record as JournalRecord
 _log = logging.getLogger("failover")
 
 
-def make_reference(key: str, round: int, channel: str) -> str:
-    """The reference of a repayment on a channel in a round.
+@dataclass(slots=True)
+class Intent:
+    """A repayment as ``repay()`` brought it, and whether it reuses a key for other money
+    (told to that caller only: the stored repayment goes on for everyone else)."""
 
-    Derived, not random: every retry, every restart and every instance computes
-    the same one, so an idempotent channel deduplicates and ``query`` finds it.
-    A new round (``retry(key)``) gets a new one, so a deduplicating channel does
-    not simply replay its old decline.
-    """
-    digest = hashlib.blake2b(f"{key}\x1f{round}\x1f{channel}".encode(), digest_size=12)
-    return f"fo-{digest.hexdigest()}"
+    repayment: Repayment
+    conflict: IdempotencyConflict | None = None
 
 
 @dataclass(slots=True)
 class _Drive:
     """One repayment being driven: its record, layout and the permits it holds."""
 
-    record: JournalRecord
     layout: Layout
+    record: JournalRecord = None  # type: ignore[assignment]  # set once read or written
     permits: dict[str, Permit] = field(default_factory=dict)
     running: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
     """Attempt number -> the thread of a plain-``def`` submit that outlived its timeout."""
@@ -136,50 +133,43 @@ class Executor:
     # ---- entry points ----------------------------------------------------------
 
     async def start(
-        self, repayment: Repayment, preference: tuple[str, ...] | None, layout: Layout,
-        intent: asyncio.Future[JournalRecord],
+        self, intent: Intent, preference: tuple[str, ...] | None, layout: Layout
     ) -> RepaymentResult:
         """A repayment ``repay()`` brought: its intent, with the first attempt "sent" in
         the same write, then the flow.  Runs in the repayment's own task, so a caller
         cancelled while the intent is written leaves it driven all the same."""
+        repayment = intent.repayment
+        self._gate(repayment.key, accepted=False)
         opening = None
-        permits: dict[str, Permit] = {}
+        permit = None
+        for name in layout.names_for(preference):
+            _, permit = layout.admit(name, repayment.amount, repayment.currency, self._clock)
+            if permit is not None:
+                opening = name
+                self._budget.record_call()
+                break
+        drive = _Drive(layout=layout, permits={} if opening is None or permit is None
+                       else {opening: permit})
         try:
-            self._gate(repayment.key, accepted=False)
-            for name in layout.names_for(preference):
-                _, permit = layout.admit(name, repayment.amount, repayment.currency,
-                                              self._clock)
-                if permit is not None:
-                    permits[name] = permit
-                    opening = name
-                    self._budget.record_call()
-                    break
             first = None if opening is None else (opening, make_reference(repayment.key, 1,
                                                                            opening))
             record, created = await self._journal.create(
                 repayment, preference, self._clock.now(), first_attempt=first
             )
-        except BaseException as exc:
-            for name, permit in permits.items():
-                layout.lanes[name].breaker.release(permit)
-            if not intent.done():
-                if isinstance(exc, asyncio.CancelledError):
-                    intent.cancel()
-                else:
-                    intent.set_exception(exc)
-                    intent.exception()  # retrieved: a caller that went away must not warn
-            raise
-        intent.set_result(record)
-        if not created:
-            for name, permit in permits.items():
-                layout.lanes[name].breaker.release(permit)
-            if record.status is not RepaymentStatus.PENDING:
-                return record.result()
-            return await self.drive(record, layout)
-        return await self._run(
-            _Drive(record, layout, permits),
-            opening=None if opening is None else (opening, 1),
-        )
+            if not created:
+                self._release(drive)
+                try:
+                    record.check_same(repayment)
+                except IdempotencyConflict as conflict:
+                    intent.conflict = conflict  # that caller's error; the stored one goes on
+                if record.status is not RepaymentStatus.PENDING:
+                    return record.result()
+                drive.record = record
+                return await self._run(drive)
+            drive.record = record
+            return await self._run(drive, opening=None if opening is None else (opening, 1))
+        finally:
+            self._release(drive)
 
     async def drive(self, record: JournalRecord | None, layout: Layout,
                     key: str | None = None) -> RepaymentResult:
@@ -191,7 +181,7 @@ class Executor:
                 raise UnknownRepayment(key)
         if record.status is not RepaymentStatus.PENDING:
             return record.result()
-        return await self._run(_Drive(record, layout))
+        return await self._run(_Drive(layout, record))
 
     # ---- the loop ---------------------------------------------------------------
 
@@ -203,8 +193,7 @@ class Executor:
             key=record.key,
             round=record.round,
             order=names,
-            lanes={name: layout.lanes[name].plan(make_reference(record.key, record.round, name))
-                   for name in names},
+            lanes=layout.specs,
             started=self._clock.monotonic(),
             deadline_s=layout.config.deadline_s,
             attempts=attempts,
@@ -250,27 +239,34 @@ class Executor:
             pass
         finally:
             flow.close()
-            # The one place a permit not used by a call is given back.
-            for name, permit in drive.permits.items():
-                drive.layout.lanes[name].breaker.release(permit)
-            drive.permits.clear()
+            self._release(drive)
         assert drive.result is not None
         return drive.result
+
+    @staticmethod
+    def _release(drive: _Drive) -> None:
+        """The one place a permit not used by a call is given back."""
+        for name, permit in drive.permits.items():
+            drive.layout.lanes[name].breaker.release(permit)
+        drive.permits.clear()
 
     async def _perform(self, action: Action, drive: _Drive) -> Answer:
         record = drive.record
         clock = self._clock
+        # The common actions first: most repayments are one Call and one Finish.
         if isinstance(action, Call):
             return await self._call(action, drive)
-        if isinstance(action, Record):
+        if isinstance(action, Finish):
+            await self._finish(action, drive)
+        elif isinstance(action, Record):
             await self._record(action, drive)
+        elif isinstance(action, Admit):
+            return Answer(clock.monotonic(), refusal=self._admit(action, drive))
         elif isinstance(action, Begin):
             self._gate(record.key)
             number = await self._journal.begin_attempt(
                 record.key, record.round, action.channel, action.reference, clock.now())
             return Answer(clock.monotonic(), number=number)
-        elif isinstance(action, Admit):
-            return Answer(clock.monotonic(), refusal=self._admit(action, drive))
         elif isinstance(action, Query):
             return await self._query(action, drive)
         elif isinstance(action, Resolve):
@@ -284,8 +280,6 @@ class Executor:
             await clock.sleep(action.seconds)
         elif isinstance(action, Emit):
             self._emit(action.event)
-        elif isinstance(action, Finish):
-            await self._finish(action, drive)
         elif isinstance(action, Pending):
             await self._journal.set_pending(
                 record.key, record.round, PendingReason.AWAITING_CHANNEL, action.channel,

@@ -24,6 +24,7 @@ The rules it keeps, in the order they are applied:
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field
@@ -54,13 +55,23 @@ CHANNEL_NOT_CONFIGURED = "channel_not_configured"
 # ---- the plan: what the flow is given -------------------------------------------
 
 
+def make_reference(key: str, round: int, channel: str) -> str:
+    """The reference of a repayment on a channel in a round.
+
+    Derived, not random: every retry, every restart and every instance computes
+    the same one, so an idempotent channel deduplicates and ``query`` finds it.
+    A new round (``retry(key)``) gets a new one, so a deduplicating channel does
+    not simply replay its old decline.
+    """
+    digest = hashlib.blake2b(f"{key}\x1f{round}\x1f{channel}".encode(), digest_size=12)
+    return f"fo-{digest.hexdigest()}"
+
+
 @dataclass(frozen=True, slots=True)
 class LanePlan:
     """What the flow needs to know of one channel."""
 
     name: str
-    reference: str
-    """This repayment's reference on this channel in this round."""
     idempotent: bool = False
     max_attempts: int = 3
     initial_backoff_s: float = 0.1
@@ -78,7 +89,7 @@ class Doubt:
     """Monotonic time after which its request can no longer be on its way."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Plan:
     """One pass over the channels for one repayment."""
 
@@ -101,9 +112,12 @@ class Plan:
 
 
 # ---- actions the flow yields, and the answers it is sent ------------------------
+# Messages between the flow and the executor are slotted dataclasses and are never
+# changed after they are made; they are not declared frozen because a frozen
+# dataclass costs four times as much to build, and a repayment makes a dozen.
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Admit:
     """Ask whether ``channel`` takes a call now (eligibility, breaker, retry budget).
 
@@ -114,7 +128,7 @@ class Admit:
     retry: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Begin:
     """Journal an attempt as sent, before the call."""
 
@@ -122,7 +136,7 @@ class Begin:
     reference: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Call:
     """Submit to ``channel`` with the permit ``Admit`` got."""
 
@@ -131,7 +145,7 @@ class Call:
     number: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Record:
     """Journal a call's answer."""
 
@@ -140,7 +154,7 @@ class Record:
     result: ChannelResult
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Query:
     """Ask ``channel`` what became of ``reference``."""
 
@@ -148,7 +162,7 @@ class Query:
     reference: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Resolve:
     """Journal what an answer proved about the attempts in doubt with ``reference``."""
 
@@ -157,17 +171,17 @@ class Resolve:
     result: ChannelResult
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Wait:
     seconds: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Emit:
     event: Event
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Finish:
     """End the repayment (terminal); the answer and resolution that decide it are
     written in the same journal operation."""
@@ -181,7 +195,7 @@ class Finish:
     """(reference, answer) that settled earlier doubt about that reference."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Pending:
     """Leave the repayment ``PENDING``, waiting for ``channel``'s answer."""
 
@@ -192,7 +206,7 @@ class Pending:
 Action = Admit | Begin | Call | Record | Query | Resolve | Wait | Emit | Finish | Pending
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Answer:
     """What the executor sends back: when the action ended, and what it gave."""
 
@@ -231,6 +245,9 @@ class _Pass:
 def repayment_flow(plan: Plan) -> Flow:
     """Drive one repayment through one pass; see the module docstring for the rules."""
     run = _Pass(plan, plan.started, plan.started + plan.deadline_s)
+    if plan.opening is not None:  # a new repayment: its only attempt is about to be made
+        yield from _pass(run)
+        return
     decided = decide.decided_by(plan.attempts)
     if decided is not None:
         outcome, attempt = decided
@@ -317,7 +334,7 @@ def _channel(
 ) -> Generator[Action, Answer, str | None]:
     """Try one channel with its retries.  Returns the code to fail over with, or
     ``None`` once the repayment has ended (finished or pending) here."""
-    reference = lane.reference
+    reference = make_reference(run.plan.key, run.plan.round, lane.name)
     retries = _Retries(lane)
     doubt = False
     """An earlier call with this reference may have collected and nothing proved otherwise."""
@@ -384,29 +401,39 @@ class _Retries:
     flow's clock instead of tenacity's own."""
 
     def __init__(self, lane: LanePlan) -> None:
-        self._wait = wait_exponential(multiplier=lane.initial_backoff_s,
-                                      min=lane.initial_backoff_s, max=lane.max_backoff_s)
-        self._max_attempts = lane.max_attempts
-        self._state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]
-        self._state.attempt_number = 0
-        self._state.start_time = 0.0
+        self._lane = lane
+        self._calls = 0
+        self._now = 0.0
+        self._state: RetryCallState | None = None  # built at the first retry: most need none
 
     def called(self, now: float) -> None:
-        self._state.attempt_number += 1
-        self._state.outcome_timestamp = now
+        self._calls += 1
+        self._now = now
+
+    def _current(self) -> RetryCallState:
+        if self._state is None:
+            self._state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]
+            lane = self._lane
+            self._wait = wait_exponential(multiplier=lane.initial_backoff_s,
+                                          min=lane.initial_backoff_s, max=lane.max_backoff_s)
+        state = self._state
+        state.attempt_number = self._calls
+        # Delays count from now: "since start" is zero, and the delay left is the deadline's.
+        state.start_time = state.outcome_timestamp = self._now
+        return state
 
     def backoff(self) -> float:
-        return float(self._wait(self._state))
+        return float(self._wait(self._current()))
 
     def allow(self, run: _Pass) -> bool:
         """Whether another call may be made: attempts left, and its backoff ends
         before the deadline (no call of any kind starts after it)."""
-        state = self._state
+        if self._calls >= self._lane.max_attempts:
+            return False
+        state = self._current()
         state.upcoming_sleep = self.backoff()
         left = run.deadline - run.now
-        # Seconds are measured from "now", so "since start" is zero and the delay is what is left.
-        state.start_time = state.outcome_timestamp or 0.0
-        stop = stop_any(stop_after_attempt(self._max_attempts), stop_before_delay(left))
+        stop = stop_any(stop_after_attempt(self._lane.max_attempts), stop_before_delay(left))
         return left > 0 and not stop(state)
 
 

@@ -16,13 +16,14 @@ from failover._channels import ChannelSet
 from failover._clock import Clock, SystemClock
 from failover._eligibility import Eligibility
 from failover._errors import JournalError, RouterClosedError, UnknownRepayment
-from failover._executor import Executor, make_reference
+from failover._executor import Executor, Intent
+from failover._flow import make_reference
 from failover._models import Repayment, RepaymentResult, RepaymentStatus
 from failover._policy import Breaker, RetryBudget
 from failover._registry import Registry, drain
 from failover.config import RouterConfig
 from failover.events import Hook
-from failover.journal._base import Journal, Record
+from failover.journal._base import Journal
 
 __all__ = ["Router", "make_reference"]
 
@@ -223,15 +224,14 @@ class Router:
             return await self._registry.join(existing)
         # The repayment's own task writes its intent: a caller cancelled meanwhile
         # leaves it driven all the same, and close() sees it from this line on.
-        intent: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
+        intent = Intent(repayment)
         layout = self._channels.layout
         task = self._registry.start(
-            repayment.key, lambda: self._executor.start(repayment, preference, layout, intent))
-        waits: list[asyncio.Future[Any]] = [intent, task]
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        if intent.done() and not intent.cancelled() and intent.exception() is None:
-            intent.result().check_same(repayment)
-        return await self._registry.join(task)
+            repayment.key, lambda: self._executor.start(intent, preference, layout))
+        result = await self._registry.join(task)
+        if intent.conflict is not None:
+            raise intent.conflict
+        return result
 
     async def get(self, key: str) -> RepaymentResult | None:
         """The current result of ``key``, or ``None`` if the journal does not hold it."""
