@@ -348,7 +348,9 @@ def _channel(
         result = called.result
         assert result is not None
         retries.called(run.now)
-        verdict = decide.after_submit(result.outcome)
+        # An answer given while the call still runs is not the call's (a timeout's): it
+        # may still collect, whatever the answer says.
+        verdict = Verdict.NEEDS_QUERY if called.running else decide.after_submit(result.outcome)
         if verdict is Verdict.COLLECTED:
             yield Finish(RepaymentStatus.SUCCEEDED, lane.name, result.channel_reference,
                          attempt=(number, result),
