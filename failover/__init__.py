@@ -26,7 +26,7 @@ from failover._models import (
     RepaymentResult,
     RepaymentStatus,
 )
-from failover._policy import Breaker
+from failover._policy import Breaker, Permit
 from failover._router import Router, make_reference
 from failover.config import (
     BreakerConfig,
@@ -73,6 +73,7 @@ __all__ = [
     "MemoryJournal",
     "Outcome",
     "PendingReason",
+    "Permit",
     "Record",
     "Repayment",
     "RepaymentResult",
