@@ -39,6 +39,7 @@ def left_sent(journal: Path) -> int:
         conn.close()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 def test_sigkill_at_random_moments_loses_nothing_and_collects_nothing_twice(tmp_path):
     """20 SIGKILLs mid-workload, then one clean run: every repayment terminal, ledgers clean."""
