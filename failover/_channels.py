@@ -3,12 +3,11 @@ order, and eligibility, on one path for the router, ``Router.explain`` and the C
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from failover._channel import Channel, SyncRunner, check_channel, is_sync
+from failover._channel import Channel, SyncRunner, check_channel, is_sync, runner_for
 from failover._clock import Clock
 from failover._eligibility import BREAKER_OPEN, Eligibility, priority_order, refusal
 from failover._errors import ConfigError
@@ -16,8 +15,6 @@ from failover._flow import LanePlan
 from failover._policy import Breaker, Permit
 from failover.config import ChannelConfig, RouterConfig
 from failover.events import Hook
-
-_RUNNERS: weakref.WeakKeyDictionary[object, dict[str, SyncRunner]] = weakref.WeakKeyDictionary()
 
 
 @dataclass(slots=True)
@@ -113,7 +110,6 @@ class ChannelSet:
         self._channels = list(channels)
         self._clock = clock
         self._hooks = hooks
-        self._runners: dict[str, SyncRunner] = {}
         self.layout = self._build(config, {})
 
     def _build(self, config: RouterConfig, breakers: Mapping[str, Breaker]) -> Layout:
@@ -151,15 +147,7 @@ class ChannelSet:
     def _runner(self, channel: Channel, method: str, config: ChannelConfig) -> SyncRunner | None:
         if not is_sync(getattr(channel, method)):
             return None
-        # One per adapter object, kept across reloads and across routers in this process:
-        # a router opened after another closed still sees the threads it left running.
-        try:
-            runners = _RUNNERS.setdefault(channel, {})
-        except TypeError:  # an adapter that cannot be weakly referenced: this router only
-            runners = self._runners
-        runner = runners.setdefault(method, SyncRunner(channel.name, config.sync_workers))
-        runner.workers = config.sync_workers
-        return runner
+        return runner_for(channel.name, method, config.sync_workers)
 
     def reconfigure(self, config: RouterConfig) -> Layout:
         breakers = {name: lane.breaker for name, lane in self.layout.lanes.items()}

@@ -40,6 +40,9 @@ class Clock(Protocol):
 class SystemClock:
     """The real clock: the system's time and the running event loop's timers."""
 
+    time_source = "system"
+    """Every SystemClock reads the same monotonic clock (see ``_channel.time_source``)."""
+
     def now(self) -> datetime:
         return datetime.now(UTC)
 

@@ -111,12 +111,20 @@ class Executor:
         self._on_late_answer = on_late_answer
         self.closing = True
         """The gate: while set, no channel call starts (closed, or closing)."""
+        self.closed = True
+        """Set once the journal is (being) closed: late answers are no longer written."""
         self.opened_wall: datetime = clock.now()
+        self.opened_at = clock.monotonic()
+        self.threads: set[asyncio.Future[Any]] = set()
+        """Plain-``def`` submits of this router still running."""
+        self._sent_by: dict[str, float] = {}
+        """Reference -> monotonic time its last submit by this router ended (bounded)."""
         self.late_writes: set[asyncio.Task[None]] = set()
 
     def open(self) -> None:
         self.opened_wall = self._clock.now()
-        self.closing = False
+        self.opened_at = self._clock.monotonic()
+        self.closing = self.closed = False
 
     def _emit(self, event: Event) -> None:
         if self._hooks:
@@ -204,29 +212,25 @@ class Executor:
         )
 
     def _doubts(self, attempts: Sequence[Attempt], layout: Layout) -> tuple[Doubt, ...]:
-        """The attempts in doubt, with the latest moment each request may have been sent."""
-        now_wall, now = self._clock.now(), self._clock.monotonic()
-        latest: dict[tuple[str, str], datetime] = {}
+        """The attempts in doubt, each with the latest moment its request may have been
+        sent, on the monotonic clock only (a wall clock can step): when this router's own
+        call ended, or a thread of this process ended; for an attempt a stopped process
+        left, when this router opened; for any other, now."""
+        now = self._clock.monotonic()
+        latest: dict[tuple[str, str], float] = {}
         for attempt in attempts:
             if not attempt.in_doubt:
                 continue
             lane = layout.lanes.get(attempt.channel)
             ended = None if lane is None or lane.runner is None \
-                else lane.runner.ended_at(attempt.reference)
-            if attempt.finished_at is not None:
-                sent_by = attempt.finished_at
-            elif attempt.started_at < self.opened_wall:
-                sent_by = self.opened_wall  # left "sent" by a process that stopped before we opened
-            else:
-                sent_by = now_wall  # ours, and we lost its answer: it could go out until now
-            if ended is not None:  # a thread of this process sent it, and ended then
-                sent_by = max(sent_by, ended)
+                else lane.runner.ended_at(attempt.reference, self._clock)
+            sent_by = self._sent_by.get(attempt.reference, ended)
+            if sent_by is None:
+                sent_by = self.opened_at if attempt.started_at < self.opened_wall else now
             slot = (attempt.channel, attempt.reference)
             latest[slot] = max(latest.get(slot, sent_by), sent_by)
-        return tuple(
-            Doubt(channel, reference, now - (now_wall - when).total_seconds())
-            for (channel, reference), when in latest.items()
-        )
+        return tuple(Doubt(channel, reference, when)
+                     for (channel, reference), when in latest.items())
 
     async def _run(self, drive: _Drive, opening: tuple[str, int] | None = None
                    ) -> RepaymentResult:
@@ -337,10 +341,18 @@ class Executor:
             lane.breaker.release(permit)
             raise
         lane.breaker.record(permit, failed=breaker_failure(result.outcome))
+        if not running:
+            self._remember_sent(action.reference)
         if self._hooks:
             self._emit(AttemptFinished(key, lane.name, action.reference, result.outcome,
                                        result.code, self._clock.monotonic() - started))
         return Answer(self._clock.monotonic(), result=result, running=running)
+
+    def _remember_sent(self, reference: str) -> None:
+        self._sent_by.pop(reference, None)
+        self._sent_by[reference] = self._clock.monotonic()
+        if len(self._sent_by) > 100_000:  # oldest first: a dict keeps insertion order
+            del self._sent_by[next(iter(self._sent_by))]
 
     async def _call_thread(
         self, lane: Lane, request: ChannelRequest
@@ -348,12 +360,13 @@ class Executor:
         """A plain-``def`` submit: its answer, and its thread's future if it outlived the
         timeout (then it is still running, and the attempt stays in doubt)."""
         assert lane.runner is not None
-        thread = lane.runner.start(lane.channel.submit, request)
+        thread = lane.runner.start(lane.channel.submit, request, self._clock)
         if thread is None:
             return ChannelResult.unavailable(
                 "sync_workers_busy", f"all {lane.runner.workers} threads of {lane.name} busy"
             ), None
-        lane.runner.track(request.reference, thread, self._clock)
+        self.threads.add(thread)
+        thread.add_done_callback(self.threads.discard)
 
         async def wait(_: ChannelRequest) -> Any:
             return await asyncio.shield(thread)
@@ -381,7 +394,7 @@ class Executor:
         result = answer_of(thread.result() if error is None else None, error=error,
                            codes=lane.config.codes)
 
-        if self.closing:
+        if self.closed:
             return  # closed: the attempt is left in doubt for the next open, as a crash leaves it
 
         async def write() -> None:
@@ -402,8 +415,12 @@ class Executor:
         self._gate(drive.record.key)
         request = drive.request(action.reference)
         asked = self._clock.monotonic()
+        # Read before asking: a submit that was still running when the query was asked
+        # can still land after the channel said NOT_FOUND.
+        running = lane.runner is not None and lane.runner.running(action.reference)
         if lane.query_runner is not None:
-            thread = lane.query_runner.start(lane.channel.query, request)
+            thread = lane.query_runner.start(lane.channel.query, request, self._clock,
+                                             submit=False)
             if thread is None:
                 result = ChannelResult.unknown("sync_workers_busy", "no thread for the query")
             else:
@@ -416,8 +433,12 @@ class Executor:
             query = cast(AdapterCall, lane.channel.query)  # async: no runner
             result = await invoke(query, request, lane.config.timeout_s,
                                   lane.config.codes, self._clock)
-        return Answer(self._clock.monotonic(), result=result, asked_at=asked,
-                      running=lane.runner is not None and lane.runner.running(action.reference))
+        sent_by = None
+        if lane.runner is not None:
+            running = running or lane.runner.running(action.reference)
+            sent_by = lane.runner.ended_at(action.reference, self._clock)
+        return Answer(self._clock.monotonic(), result=result, asked_at=asked, running=running,
+                      sent_by=sent_by)
 
     async def _finish(self, action: Finish, drive: _Drive) -> None:
         record = drive.record

@@ -217,8 +217,12 @@ class Answer:
     asked_at: float = 0.0
     """For a ``Query``: monotonic time it was asked."""
     running: bool = False
-    """For a ``Call`` or ``Query``: a submit with this reference is still running
-    (a plain-``def`` adapter's thread outlived the timeout)."""
+    """For a ``Call`` or ``Query``: a submit with this reference is (or, for a query, was
+    when it was asked) still running: a plain-``def`` adapter's thread outlived the
+    timeout."""
+    sent_by: float | None = None
+    """For a ``Query``: when the last thread of a submit with this reference ended, if
+    known (its request can have been sent until then)."""
     number: int = 0
     """For a ``Begin``: the attempt's number."""
     refusal: str | None = None
@@ -365,7 +369,10 @@ def _channel(
             verdict, answer = yield from _settle(run, lane.name, reference, since)
             code = answer.code or code
             if verdict is Verdict.IN_DOUBT:
-                if not lane.idempotent:  # a second submit could collect twice
+                if not lane.idempotent or answer.code == IN_THE_AIR:
+                    # A second submit could collect twice; and while our own first one is
+                    # still running, even a deduplicating channel's answer to a resubmit
+                    # says nothing about it.
                     yield Pending(lane.name, code or "unknown")
                     return None
                 # An idempotent channel may be asked again with the same reference.
@@ -387,9 +394,11 @@ def _channel(
         backoff = retries.backoff()
         yield Wait(backoff)
         run.now += backoff
+        if run.late():  # checked before Admit: a permit is never taken for a call not made
+            break
         admitted = yield Admit(lane.name, retry=True)
         run.now = admitted.at
-        if run.late() or admitted.refusal is not None:
+        if admitted.refusal is not None:
             break
     if doubt:
         yield Pending(lane.name, code or "unknown")
@@ -449,17 +458,21 @@ def _settle(
     settle_s = plan.lanes[channel].settle_s
     asked = 0
     answer = ChannelResult.unknown(DEADLINE, "no query before the deadline")
+    running = math.isinf(since)
     while not run.late():
         reply = yield Query(channel, reference)
         run.now = reply.at
         assert reply.result is not None
         answer = reply.result
+        running = reply.running
         verdict = decide.after_query(answer.outcome)
         if verdict is Verdict.NOT_COLLECTED:
             if reply.running:
-                running = ChannelResult.unknown(IN_THE_AIR, "the submit is still running")
-                return Verdict.IN_DOUBT, running
-            if math.isinf(since):  # the thread ended before this query was asked
+                return Verdict.IN_DOUBT, ChannelResult.unknown(
+                    IN_THE_AIR, "the submit is still running")
+            if reply.sent_by is not None:  # a thread sent it, and ended then
+                since = reply.sent_by if math.isinf(since) else max(since, reply.sent_by)
+            elif math.isinf(since):  # the thread ended before this query was asked
                 since = reply.asked_at
             proven_at = since + settle_s
             if reply.asked_at >= proven_at:
@@ -475,9 +488,13 @@ def _settle(
         if verdict is not Verdict.IN_DOUBT:
             return verdict, answer
         asked += 1
+        if reply.running:  # nothing will be proved while our own submit still runs
+            break
         backoff = min(plan.query_backoff_s * 2 ** (asked - 1), 1.0)
         if asked >= plan.query_attempts or run.now + backoff >= run.deadline:
             break
         yield Wait(backoff)
         run.now += backoff
+    if running:
+        return Verdict.IN_DOUBT, ChannelResult.unknown(IN_THE_AIR, "the submit is still running")
     return Verdict.IN_DOUBT, answer

@@ -4,6 +4,7 @@ the journal together.  It holds no payment logic (that is ``_flow.py``)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -15,17 +16,25 @@ from failover._channel import Channel
 from failover._channels import ChannelSet
 from failover._clock import Clock, SystemClock
 from failover._eligibility import Eligibility
-from failover._errors import JournalError, RouterClosedError, UnknownRepayment
+from failover._errors import (
+    JournalError,
+    RouterClosedError,
+    TerminalStateError,
+    UnknownRepayment,
+)
 from failover._executor import Executor, Intent
 from failover._flow import make_reference
-from failover._models import Repayment, RepaymentResult, RepaymentStatus
+from failover._models import Outcome, Repayment, RepaymentResult, RepaymentStatus
 from failover._policy import Breaker, RetryBudget
 from failover._registry import Registry, drain
 from failover.config import RouterConfig
 from failover.events import Hook
-from failover.journal._base import Journal
+from failover.journal._base import Journal, new_record
 
 __all__ = ["Router", "make_reference"]
+
+_UNWIND_S = 1.0
+"""Seconds (real) that abandoned work gets to unwind after its cancellation."""
 
 _OWNERS: weakref.WeakValueDictionary[int, Router] = weakref.WeakValueDictionary()
 """id(journal) -> the open router using it: one journal serves one open router."""
@@ -61,6 +70,8 @@ class Router:
         self._recovery: asyncio.Task[list[RepaymentResult]] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._open = False
+        self._closing: asyncio.Task[None] | None = None
+        self._intents: dict[str, Intent] = {}
 
     @classmethod
     def from_config(
@@ -124,6 +135,8 @@ class Router:
         background: each first asks the channels about its attempts in doubt."""
         if self._open:
             return
+        if self._closing is not None:
+            await asyncio.shield(self._closing)  # a close in progress ends first
         owner = _OWNERS.get(id(self._journal))
         if owner is not None and owner is not self:
             raise JournalError("this journal is already open in another router: one journal"
@@ -147,26 +160,49 @@ class Router:
         """Stop taking work, give calls in the air up to ``grace_s`` to answer (their
         answers are journaled), then stop what is left as a crash would: it resumes on
         the next open, in this process or another.  No channel call starts once this
-        has begun."""
-        if not self._open:
-            return
-        self._open = False
-        self._executor.closing = True
-        work = [*self._registry.tasks(), *self._background, *self._executor.late_writes]
-        if self._recovery is not None:
+        has begun.
+
+        The shutdown runs in a task of its own: a ``close()`` that is cancelled (a
+        shutdown timeout) still leaves the router closed and the journal free, and a
+        second ``close()`` waits for the first."""
+        if self._closing is None:
+            if not self._open:
+                return
+            self._open = False
+            self._executor.closing = True
+            self._closing = asyncio.get_running_loop().create_task(
+                self._shut_down(grace_s), name="failover:close")
+        await asyncio.shield(self._closing)
+
+    def _in_the_air(self) -> list[asyncio.Future[Any]]:
+        work: list[asyncio.Future[Any]] = [
+            *self._registry.tasks(), *self._background, *self._executor.late_writes,
+            *self._executor.threads]
+        if self._recovery is not None and not self._recovery.done():
             work.append(self._recovery)
-        if work and grace_s > 0:
-            try:
-                async with self._clock.timeout(grace_s):
-                    await asyncio.wait(work)
-            except TimeoutError:
-                pass
-        self._abandon()
-        await asyncio.gather(*work, return_exceptions=True)
+        return work
+
+    async def _shut_down(self, grace_s: float) -> None:
         try:
-            await self._journal.close()
+            if grace_s > 0:
+                # Calls in the air answer; plain-def threads end; late answers are written.
+                with contextlib.suppress(TimeoutError):
+                    async with self._clock.timeout(grace_s):
+                        while work := [w for w in self._in_the_air() if not w.done()]:
+                            await asyncio.wait(work)
+            self._abandon()
+            work = self._in_the_air()
+            if work:
+                # Bounded: an adapter that swallows its cancellation must not hold the
+                # shutdown (its call can start nothing more: the gate is shut).
+                await asyncio.wait(work, timeout=_UNWIND_S)
         finally:
-            _OWNERS.pop(id(self._journal), None)
+            self._executor.closed = True
+            try:
+                await self._journal.close()
+            finally:
+                _OWNERS.pop(id(self._journal), None)
+                self._closing = None
 
     def _abandon(self) -> None:
         """Stop everything in flight without writing anything more: what a crash does."""
@@ -180,6 +216,7 @@ class Router:
 
     def _forget_journal(self) -> None:
         """Let a new router open this journal (``failover.testing.crash``)."""
+        self._executor.closed = True
         if _OWNERS.get(id(self._journal)) is self:
             del _OWNERS[id(self._journal)]
 
@@ -218,9 +255,13 @@ class Router:
         preference = self._channels.check_preference(channels)
         existing = self._registry.get(repayment.key)
         if existing is not None:  # being driven: check it is the same money, then join
-            record = await self._journal.load(repayment.key)
-            if record is not None:
-                record.check_same(repayment)
+            first = self._intents.get(repayment.key)
+            if first is not None:  # its intent may not be written yet: compare with it
+                new_record(first.repayment, None, self._clock.now()).check_same(repayment)
+            else:
+                record = await self._journal.load(repayment.key)
+                if record is not None:
+                    record.check_same(repayment)
             return await self._registry.join(existing)
         # The repayment's own task writes its intent: a caller cancelled meanwhile
         # leaves it driven all the same, and close() sees it from this line on.
@@ -228,6 +269,8 @@ class Router:
         layout = self._channels.layout
         task = self._registry.start(
             repayment.key, lambda: self._executor.start(intent, preference, layout))
+        self._intents[repayment.key] = intent
+        task.add_done_callback(lambda _: self._intents.pop(repayment.key, None))
         result = await self._registry.join(task)
         if intent.conflict is not None:
             raise intent.conflict
@@ -259,6 +302,14 @@ class Router:
             if record is None:
                 raise UnknownRepayment(key)
             if record.status is RepaymentStatus.FAILED:
+                collected = [a for a in record.attempts
+                             if Outcome.SUCCEEDED in (a.outcome, a.resolution)]
+                if collected:
+                    # A channel answered SUCCEEDED after the repayment failed (a late
+                    # answer): a new round would collect a second time.
+                    raise TerminalStateError(
+                        key, f"failed (channel {collected[0].channel!r} reports it collected"
+                        " since: it needs a correction, not a new round)")
                 record = await self._journal.new_round(key, self._clock.now())
             return await self._executor.drive(record, layout)
 
