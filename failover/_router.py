@@ -191,7 +191,8 @@ class Router:
                         while work := [w for w in self._in_the_air() if not w.done()]:
                             await asyncio.wait(work)
             self._abandon()
-            work = self._in_the_air()
+            # Threads cannot be cancelled: they are left running, as a crash leaves them.
+            work = [w for w in self._in_the_air() if w not in self._executor.threads]
             if work:
                 # Bounded: an adapter that swallows its cancellation must not hold the
                 # shutdown (its call can start nothing more: the gate is shut).

@@ -491,3 +491,212 @@ def test_zero_concurrency_or_query_attempts_is_refused(name):
     """recovery_concurrency=0 would recover nothing; it is refused, naming the argument."""
     with pytest.raises(ValueError, match=name):
         failover.Router([ScriptedChannel("primary")], failover.MemoryJournal(), **{name: 0})
+
+
+# ---- found by a review of the rebuilt router ------------------------------------------------
+
+
+class RacingQueryBank(SlowBank):
+    """Its status query answers NOT_FOUND while the submit's thread still runs, and the
+    thread lands and ends before that answer reaches the router."""
+
+    name = "slow_bank"
+
+    async def query(self, request: failover.ChannelRequest) -> ChannelResult:
+        found = self.ledger.find(self.name, request.reference)
+        answer = ChannelResult.succeeded("slow-1") if found else ChannelResult.not_found()
+        self.release.set()
+        for _ in range(500):  # the round trip home: the thread ends meanwhile
+            if self.ledger.find(self.name, request.reference) is not None:
+                break
+            await asyncio.sleep(0.002)
+        await asyncio.sleep(0.01)
+        return answer
+
+
+async def test_a_not_found_asked_while_the_thread_ran_is_no_proof(journal):
+    """The thread's state is read when the query is asked, not when it answers."""
+    slow = RacingQueryBank(MemoryLedger())
+    backup = ScriptedChannel("backup", ledger=slow.ledger)
+    config = fast(slow_bank={"timeout_s": 0.05, "settle_s": 0})
+    async with failover.Router([slow, backup], journal, config, clock=FakeClock()) as router:
+        await router.repay(repayment())
+
+        async def settled() -> bool:
+            result = await router.get(repayment().key)
+            return result is not None and result.status is not RepaymentStatus.PENDING
+
+        await eventually(settled)
+
+    assert ["slow_bank:loan-42/instalment-7"] == collections(backup)
+
+
+class DedupBank(SlowBank):
+    """Deduplicates by reference, but answers a resubmit that arrives while the first
+    submit is still being processed with a decline; its query cannot tell meanwhile."""
+
+    name = "dedup_bank"
+    idempotent = True
+
+    def __init__(self, ledger: MemoryLedger) -> None:
+        super().__init__(ledger)
+        self.calls = 0
+
+    def submit(self, request: failover.ChannelRequest) -> ChannelResult:
+        self.calls += 1
+        if self.calls > 1:
+            return ChannelResult.declined("duplicate_in_progress")
+        return super().submit(request)
+
+    def query(self, request: failover.ChannelRequest) -> ChannelResult:
+        found = self.ledger.find(self.name, request.reference)
+        return ChannelResult.succeeded("slow-1") if found else ChannelResult.unknown("busy")
+
+
+async def test_no_resubmit_while_our_own_submit_still_runs(journal):
+    """An idempotent channel is not asked again while the first submit's thread runs:
+    an answer to the resubmit says nothing about that thread."""
+    bank = DedupBank(MemoryLedger())
+    backup = ScriptedChannel("backup", ledger=bank.ledger)
+    config = fast(dedup_bank={"timeout_s": 0.05})
+    async with failover.Router([bank, backup], journal, config, clock=FakeClock()) as router:
+        first = await router.repay(repayment())
+        bank.release.set()
+
+        async def settled() -> bool:
+            result = await router.get(repayment().key)
+            return result is not None and result.status is not RepaymentStatus.PENDING
+
+        await eventually(settled)
+
+    assert (RepaymentStatus.PENDING, 1) == (first.status, bank.calls)
+    assert ["dedup_bank:loan-42/instalment-7"] == collections(backup)
+
+
+async def test_a_new_router_sees_threads_a_closed_one_left_running():
+    """close() while a plain-def submit still blocks; a new router on the same journal,
+    with adapters built afresh, does not fail over while that thread can still send."""
+    ledger, journal, clock = MemoryLedger(), failover.MemoryJournal(), FakeClock()
+    first_bank = SlowBank(ledger)
+    config = fast(slow_bank={"timeout_s": 0.05})
+    async with failover.Router([first_bank, ScriptedChannel("backup", ledger=ledger)],
+                               journal, config, clock=clock) as first:
+        await first.repay(repayment())
+        await first.close(grace_s=0)
+    async with failover.Router([SlowBank(ledger), ScriptedChannel("backup", ledger=ledger)],
+                               journal, config, clock=clock) as second:
+        await second.wait_recovered()
+        while_running = await second.get(repayment().key)
+        first_bank.release.set()
+        await eventually(lambda: asyncio.sleep(0, not first_bank.entered.is_set()
+                                               or bool(ledger.collections())))
+        clock.advance(10)
+        [final] = await second.reconcile()
+
+    assert RepaymentStatus.PENDING == while_running.status
+    assert (RepaymentStatus.SUCCEEDED, "slow_bank") == (final.status, final.channel)
+    assert ["slow_bank:loan-42/instalment-7"] == sorted(
+        f"{c.channel}:{c.repayment_key}" for c in ledger.collections())
+
+
+async def test_a_conflicting_repay_before_the_intent_is_written_is_refused(tmp_path: Path):
+    """Same key, other amount, while the first repay() is still writing its intent:
+    IdempotencyConflict, and only the first amount is collected."""
+    primary = ScriptedChannel("primary")
+    async with failover.Router([primary], failover.SQLiteJournal(tmp_path / "j.db"),
+                               clock=FakeClock()) as router:
+        first = asyncio.ensure_future(router.repay(repayment(amount="100.00")))
+        await asyncio.sleep(0)
+        with pytest.raises(failover.IdempotencyConflict):
+            await router.repay(repayment(amount="999.00"))
+        await first
+
+    assert ["100.00"] == [str(c.amount) for c in primary.ledger.collections()]
+
+
+async def test_a_cancelled_close_still_closes(tmp_path: Path):
+    """close() cancelled during its grace period (a shutdown timeout) still leaves the
+    router closed and the journal free for the next router."""
+    slow = SlowBank(MemoryLedger())
+    path = tmp_path / "j.db"
+    config = fast(slow_bank={"timeout_s": 0.05})
+    router = failover.Router([slow], failover.SQLiteJournal(path), config, clock=FakeClock())
+    await router.open()
+    await router.repay(repayment())
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(router.close(grace_s=30), 0.05)
+    slow.release.set()
+    await router.close()  # waits for the first close, which goes on
+    async with failover.Router([slow], failover.SQLiteJournal(path), config,
+                               clock=FakeClock()) as again:
+        assert again.is_open
+    assert not router.is_open
+
+
+async def test_retry_refuses_a_failed_repayment_a_channel_reports_collected(make_router):
+    """A late SUCCEEDED journaled on a FAILED repayment: retry() does not collect again."""
+    card = ScriptedChannel("card", [ChannelResult.declined()])
+    router = await make_router([card])
+    failed = await router.repay(repayment())
+    # What a late thread answer does: the attempt's own answer is journaled as SUCCEEDED.
+    await router._journal.finish_attempt(failed.key, 1, ChannelResult.succeeded("late-1"),
+                                         FakeClock().now())
+
+    with pytest.raises(failover.TerminalStateError, match="correction"):
+        await router.retry(failed.key)
+    assert [] == collections(card)
+
+
+class ExitingSDK:
+    name = "exiting"
+    idempotent = False
+
+    def submit(self, request: failover.ChannelRequest) -> ChannelResult:
+        raise SystemExit("sdk gave up")
+
+    def query(self, request: failover.ChannelRequest) -> ChannelResult:
+        return ChannelResult.not_found()
+
+
+async def test_system_exit_in_an_adapter_thread_is_an_unknown_answer(make_router):
+    """sys.exit() in a plain-def adapter ends its thread, not the service: UNKNOWN."""
+    backup = ScriptedChannel("backup")
+    router = await make_router([ExitingSDK(), backup], fast(exiting={"settle_s": 0}))
+
+    result = await router.repay(repayment())
+
+    assert (Outcome.UNKNOWN, "adapter_error") == (result.attempts[0].outcome,
+                                                  result.attempts[0].code)
+    assert ["backup:loan-42/instalment-7"] == collections(backup)
+
+
+class SteppedClock(FakeClock):
+    """A wall clock that an NTP step moves, while monotonic time does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.step = 0.0
+
+    def now(self):
+        from datetime import timedelta
+
+        return super().now() + timedelta(seconds=self.step)
+
+
+async def test_a_wall_clock_step_does_not_shorten_settle_s(make_router):
+    """settle_s is measured on the monotonic clock: a wall-clock step forward does not
+    make a NOT_FOUND asked too soon count as proof."""
+    clock = SteppedClock()
+    gateway = QueuedGateway(clock, MemoryLedger(), delay_s=3.0)
+    backup = ScriptedChannel("backup", ledger=gateway.ledger)
+    config = failover.RouterConfig.model_validate({"deadline_s": 2.0})
+    router = await make_router([gateway, backup], config, clock=clock)
+    first = await router.repay(repayment())
+    clock.step = 3600.0
+    clock.advance(0.5)
+    [after] = await router.reconcile()
+    clock.advance(3.0)
+    gateway._apply_due()
+
+    assert (RepaymentStatus.PENDING, RepaymentStatus.PENDING) == (first.status, after.status)
+    assert ["gateway:loan-42/instalment-7"] == collections(backup)
