@@ -61,7 +61,7 @@ PROFILES = {
                            query_failure=0.2),
     "black_hole": FaultProfile(unknown_collected=0.5, unknown_not_collected=0.5,
                                query_failure=1.0),
-    "confused": FaultProfile(not_found_collected=0.4, query_failure=0.3),
+    "confused": FaultProfile(not_found_collected=0.4, query_failure=0.7),
     "queued": FaultProfile(late_apply=0.5, late_apply_s=4.0),
     "buggy": FaultProfile(raise_cancelled=0.4),
     "overrunning": FaultProfile(overrun=0.5),
