@@ -3,9 +3,6 @@ the journal together.  It holds no payment logic (that is ``_flow.py``)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -17,13 +14,12 @@ from failover._channels import ChannelSet
 from failover._clock import Clock, SystemClock
 from failover._eligibility import Eligibility
 from failover._errors import (
-    JournalError,
-    RouterClosedError,
     TerminalStateError,
     UnknownRepayment,
 )
 from failover._executor import Executor, Intent
 from failover._flow import make_reference
+from failover._lifecycle import Lifecycle
 from failover._models import Outcome, Repayment, RepaymentResult, RepaymentStatus
 from failover._policy import Breaker, RetryBudget
 from failover._registry import Registry, drain
@@ -32,13 +28,6 @@ from failover.events import Hook
 from failover.journal._base import Journal, new_record
 
 __all__ = ["Router", "make_reference"]
-
-_UNWIND_S = 1.0
-"""Seconds (real) that abandoned work gets to unwind after its cancellation."""
-
-_OWNERS: weakref.WeakValueDictionary[int, Router] = weakref.WeakValueDictionary()
-"""id(journal) -> the open router using it: one journal serves one open router."""
-
 
 class Router:
     """Collects repayments through channels in priority order, failing over safely.
@@ -65,12 +54,10 @@ class Router:
         self._registry = Registry()
         self._executor = Executor(journal, self._clock, hooks, self._budget,
                                   query_attempts=query_attempts, query_backoff_s=query_backoff_s,
-                                  on_late_answer=self._resume_later)
+                                  on_late_answer=lambda key: self._life.resume_later(key))
         self._recovery_concurrency = recovery_concurrency
-        self._recovery: asyncio.Task[list[RepaymentResult]] | None = None
-        self._background: set[asyncio.Task[Any]] = set()
-        self._open = False
-        self._closing: asyncio.Task[None] | None = None
+        self._life = Lifecycle(journal, self._clock, self._executor, self._registry,
+                               self._resume, recovery_concurrency)
         self._intents: dict[str, Intent] = {}
 
     @classmethod
@@ -131,112 +118,25 @@ class Router:
         await self.close()
 
     async def open(self) -> None:
-        """Open the journal, then resolve and resume every unfinished repayment in the
-        background: each first asks the channels about its attempts in doubt."""
-        if self._open:
-            return
-        if self._closing is not None:
-            await asyncio.shield(self._closing)  # a close in progress ends first
-        owner = _OWNERS.get(id(self._journal))
-        if owner is not None and owner is not self:
-            raise JournalError("this journal is already open in another router: one journal"
-                               " serves one open router at a time")
-        _OWNERS[id(self._journal)] = self
-        try:
-            await self._journal.open()
-            keys = await self._journal.pending_keys()
-        except BaseException:
-            _OWNERS.pop(id(self._journal), None)
-            await asyncio.shield(self._journal.close())
-            raise
-        self._open = True
-        self._executor.open()
-        if keys:
-            self._recovery = asyncio.create_task(
-                drain(keys, self._resume, self._recovery_concurrency, keep=False),
-                name="failover:recovery")
+        """Open the journal (one journal serves one open router), then resolve and
+        resume every unfinished repayment in the background."""
+        await self._life.open()
 
     async def close(self, *, grace_s: float = 5.0) -> None:
         """Stop taking work, give calls in the air up to ``grace_s`` to answer (their
         answers are journaled), then stop what is left as a crash would: it resumes on
         the next open, in this process or another.  No channel call starts once this
-        has begun.
-
-        The shutdown runs in a task of its own: a ``close()`` that is cancelled (a
-        shutdown timeout) still leaves the router closed and the journal free, and a
-        second ``close()`` waits for the first."""
-        if self._closing is None:
-            if not self._open:
-                return
-            self._open = False
-            self._executor.closing = True
-            self._closing = asyncio.get_running_loop().create_task(
-                self._shut_down(grace_s), name="failover:close")
-        await asyncio.shield(self._closing)
-
-    def _in_the_air(self) -> list[asyncio.Future[Any]]:
-        work: list[asyncio.Future[Any]] = [
-            *self._registry.tasks(), *self._background, *self._executor.late_writes,
-            *self._executor.threads]
-        if self._recovery is not None and not self._recovery.done():
-            work.append(self._recovery)
-        return work
-
-    async def _shut_down(self, grace_s: float) -> None:
-        try:
-            if grace_s > 0:
-                # Calls in the air answer; plain-def threads end; late answers are written.
-                with contextlib.suppress(TimeoutError):
-                    async with self._clock.timeout(grace_s):
-                        while work := [w for w in self._in_the_air() if not w.done()]:
-                            await asyncio.wait(work)
-            self._abandon()
-            # Threads cannot be cancelled: they are left running, as a crash leaves them.
-            work = [w for w in self._in_the_air() if w not in self._executor.threads]
-            if work:
-                # Bounded: an adapter that swallows its cancellation must not hold the
-                # shutdown (its call can start nothing more: the gate is shut).
-                await asyncio.wait(work, timeout=_UNWIND_S)
-        finally:
-            self._executor.closed = True
-            try:
-                await self._journal.close()
-            finally:
-                _OWNERS.pop(id(self._journal), None)
-                self._closing = None
-
-    def _abandon(self) -> None:
-        """Stop everything in flight without writing anything more: what a crash does."""
-        self._open = False
-        self._executor.closing = True
-        if self._recovery is not None:
-            self._recovery.cancel()
-        for task in [*self._background, *self._executor.late_writes]:
-            task.cancel()
-        self._registry.cancel_all()
-
-    def _forget_journal(self) -> None:
-        """Let a new router open this journal (``failover.testing.crash``)."""
-        self._executor.closed = True
-        if _OWNERS.get(id(self._journal)) is self:
-            del _OWNERS[id(self._journal)]
+        has begun; a ``close()`` cancelled midway still completes."""
+        await self._life.close(grace_s)
 
     @property
     def is_open(self) -> bool:
         """Whether the router takes work (opened, and not closing, closed or crashed)."""
-        return self._open
+        return self._life.is_open
 
     async def wait_recovered(self) -> None:
         """Wait until the work recovered on open has finished (or is pending)."""
-        if self._recovery is not None:
-            await asyncio.wait([self._recovery])
-            if self._recovery.cancelled():
-                raise RouterClosedError("the router closed before its recovery finished")
-            self._recovery.result()
-
-    def _require_open(self) -> None:
-        if not self._open:
-            raise RouterClosedError("the router is not open: use 'async with router:'")
+        await self._life.wait_recovered()
 
     # ---- operations ------------------------------------------------------------------
 
@@ -250,7 +150,7 @@ class Router:
         joins or returns the first call's repayment and never collects twice.
         Cancelling the call stops the caller's wait, not the repayment.
         """
-        self._require_open()
+        self._life.require_open()
         if not isinstance(repayment, Repayment):
             raise TypeError(f"repay() takes a failover.Repayment, not {type(repayment).__name__}")
         preference = self._channels.check_preference(channels)
@@ -279,14 +179,14 @@ class Router:
 
     async def get(self, key: str) -> RepaymentResult | None:
         """The current result of ``key``, or ``None`` if the journal does not hold it."""
-        self._require_open()
+        self._life.require_open()
         record = await self._journal.load(key)
         return None if record is None else record.result()
 
     async def reconcile(self) -> list[RepaymentResult]:
         """Resolve every ``PENDING`` repayment now: ask the channels in doubt and resume
         failover where nothing was collected.  Returns their results."""
-        self._require_open()
+        self._life.require_open()
         keys = await self._journal.pending_keys()
         return await drain(keys, self._resume, self._recovery_concurrency)
 
@@ -295,7 +195,7 @@ class Router:
 
         Callers at the same time join one new round.  A repayment that is not
         ``FAILED`` is returned as it stands (``SUCCEEDED`` is final)."""
-        self._require_open()
+        self._life.require_open()
         layout = self._channels.layout
 
         async def new_round() -> RepaymentResult:
@@ -317,22 +217,7 @@ class Router:
         return await self._registry.join(self._registry.start(key, new_round))
 
     async def _resume(self, key: str) -> RepaymentResult:
-        self._require_open()
+        self._life.require_open()
         layout = self._channels.layout
         task = self._registry.start(key, lambda: self._executor.drive(None, layout, key))
         return await self._registry.join(task)
-
-    def _resume_later(self, key: str) -> None:
-        """A late answer arrived for ``key``: drive it again once its current drive ends."""
-        if not self._open:
-            return
-
-        async def resume() -> None:
-            await self._registry.after(key)
-            if self._open:
-                await self._resume(key)
-
-        task = asyncio.get_running_loop().create_task(resume(), name=f"failover-resume:{key}")
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-

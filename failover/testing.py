@@ -195,8 +195,7 @@ def crash(router: Router) -> None:
     stops where it is, nothing more is written, calls in the air are abandoned, and
     the journal may be opened by a new router (as after a restart).  Its callers get
     ``RouterClosedError``."""
-    router._abandon()
-    router._forget_journal()
+    router._life.crash()
 
 
 class SimulatedCrash(BaseException):

@@ -1,0 +1,158 @@
+"""A router's lifecycle: the journal claim, opening and recovery, work resumed in the
+background, and ``close(grace_s)`` — so the ``Router`` facade only wires parts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from failover._clock import Clock
+from failover._errors import JournalError, RouterClosedError
+from failover._executor import Executor
+from failover._models import RepaymentResult
+from failover._registry import Registry, drain
+from failover.journal._base import Journal
+
+UNWIND_S = 1.0
+"""Seconds on the router's clock that abandoned work gets to unwind once cancelled."""
+
+_OWNERS: weakref.WeakValueDictionary[int, Lifecycle] = weakref.WeakValueDictionary()
+"""id(journal) -> the open router's lifecycle: one journal serves one open router."""
+
+
+class Lifecycle:
+    """Opens, recovers, runs background work and closes one router."""
+
+    def __init__(
+        self, journal: Journal, clock: Clock, executor: Executor, registry: Registry,
+        resume: Callable[[str], Awaitable[RepaymentResult]], concurrency: int,
+    ) -> None:
+        self._journal = journal
+        self._clock = clock
+        self._executor = executor
+        self._registry = registry
+        self._resume = resume
+        self._concurrency = concurrency
+        self.is_open = False
+        self._recovery: asyncio.Task[list[RepaymentResult]] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._closing: asyncio.Task[None] | None = None
+
+    def require_open(self) -> None:
+        if not self.is_open:
+            raise RouterClosedError("the router is not open: use 'async with router:'")
+
+    async def open(self) -> None:
+        """Claim and open the journal, then resolve and resume every unfinished
+        repayment in the background: each first asks the channels about its attempts
+        in doubt."""
+        if self.is_open:
+            return
+        if self._closing is not None:
+            await asyncio.shield(self._closing)  # a close in progress ends first
+        owner = _OWNERS.get(id(self._journal))
+        if owner is not None and owner is not self:
+            raise JournalError("this journal is already open in another router: one journal"
+                               " serves one open router at a time")
+        _OWNERS[id(self._journal)] = self
+        try:
+            await self._journal.open()
+            keys = await self._journal.pending_keys()
+        except BaseException:
+            _OWNERS.pop(id(self._journal), None)
+            await asyncio.shield(self._journal.close())
+            raise
+        self.is_open = True
+        self._executor.open()
+        if keys:
+            self._recovery = asyncio.create_task(
+                drain(keys, self._resume, self._concurrency, keep=False),
+                name="failover:recovery")
+
+    async def wait_recovered(self) -> None:
+        if self._recovery is not None:
+            await asyncio.wait([self._recovery])
+            if self._recovery.cancelled():
+                raise RouterClosedError("the router closed before its recovery finished")
+            self._recovery.result()
+
+    def resume_later(self, key: str) -> None:
+        """A late answer arrived for ``key``: drive it again once its current drive ends."""
+        if not self.is_open:
+            return
+
+        async def resume() -> None:
+            await self._registry.after(key)
+            if self.is_open:
+                await self._resume(key)
+
+        task = asyncio.get_running_loop().create_task(resume(), name=f"failover-resume:{key}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self, grace_s: float) -> None:
+        """See ``Router.close``.  The shutdown runs in a task of its own: a ``close()``
+        that is cancelled (a shutdown timeout) still leaves the router closed and the
+        journal free, and a second ``close()`` waits for the first."""
+        if self._closing is None:
+            if not self.is_open:
+                return
+            self.is_open = False
+            self._executor.closing = True
+            self._closing = asyncio.get_running_loop().create_task(
+                self._shut_down(grace_s), name="failover:close")
+        await asyncio.shield(self._closing)
+
+    def _in_the_air(self) -> list[asyncio.Future[Any]]:
+        work: list[asyncio.Future[Any]] = [
+            *self._registry.tasks(), *self._background, *self._executor.late_writes,
+            *self._executor.threads]
+        if self._recovery is not None and not self._recovery.done():
+            work.append(self._recovery)
+        return work
+
+    async def _shut_down(self, grace_s: float) -> None:
+        try:
+            if grace_s > 0:
+                # Calls in the air answer; plain-def threads end; late answers are written.
+                with contextlib.suppress(TimeoutError):
+                    async with self._clock.timeout(grace_s):
+                        while work := [w for w in self._in_the_air() if not w.done()]:
+                            await asyncio.wait(work)
+            self.abandon()
+            # Threads cannot be cancelled: they are left running, as a crash leaves them.
+            # The rest is bounded: an adapter that swallows its cancellation must not hold
+            # the shutdown (it can start no call: the gate is shut).
+            work = [w for w in self._in_the_air()
+                    if w not in self._executor.threads and not w.done()]
+            if work:
+                with contextlib.suppress(TimeoutError):
+                    async with self._clock.timeout(UNWIND_S):
+                        await asyncio.wait(work)
+        finally:
+            self._executor.closed = True
+            try:
+                await self._journal.close()
+            finally:
+                _OWNERS.pop(id(self._journal), None)
+                self._closing = None
+
+    def abandon(self) -> None:
+        """Stop everything in flight without writing anything more: what a crash does."""
+        self.is_open = False
+        self._executor.closing = True
+        if self._recovery is not None:
+            self._recovery.cancel()
+        for task in [*self._background, *self._executor.late_writes]:
+            task.cancel()
+        self._registry.cancel_all()
+
+    def crash(self) -> None:
+        """``abandon``, and free the journal for a new router, as a process that died."""
+        self.abandon()
+        self._executor.closed = True
+        if _OWNERS.get(id(self._journal)) is self:
+            del _OWNERS[id(self._journal)]
