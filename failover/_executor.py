@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
@@ -21,7 +21,6 @@ from failover._channels import Lane, Layout
 from failover._clock import Clock
 from failover._errors import IdempotencyConflict, RouterClosedError, UnknownRepayment
 from failover._flow import (
-    Action,
     Admit,
     Answer,
     Begin,
@@ -39,6 +38,7 @@ from failover._flow import (
     repayment_flow,
 )
 from failover._models import (
+    SETTLING_SUBMIT_OUTCOMES,
     Attempt,
     ChannelRequest,
     ChannelResult,
@@ -120,6 +120,13 @@ class Executor:
         self._sent_by: dict[str, float] = {}
         """Reference -> monotonic time its last submit by this router ended (bounded)."""
         self.late_writes: set[asyncio.Task[None]] = set()
+        self._handlers: dict[type, Callable[[Any, _Drive], Awaitable[Answer]]] = {
+            Call: self._on_call, Finish: self._on_finish, Record: self._on_record,
+            Query: self._on_query, Admit: self._on_admit, Begin: self._on_begin,
+            Resolve: self._on_resolve, Wait: self._on_wait, Emit: self._on_emit,
+            Pending: self._on_pending,
+        }
+        """The handler of each action the flow yields (every kind of Action has one)."""
 
     def open(self) -> None:
         self.opened_wall = self._clock.now()
@@ -197,18 +204,12 @@ class Executor:
         record, layout = drive.record, drive.layout
         names = layout.names_for(record.preference)
         attempts = record.round_attempts()
+        # Positional: this runs once per repayment, and keywords cost more.
         return Plan(
-            key=record.key,
-            round=record.round,
-            order=names,
-            lanes=layout.specs,
-            started=self._clock.monotonic(),
-            deadline_s=layout.config.deadline_s,
-            attempts=attempts,
-            doubts=self._doubts(attempts, layout) if opening is None else (),
-            opening=opening,
-            query_attempts=self._query_attempts,
-            query_backoff_s=self._query_backoff_s,
+            record.key, record.round, names, layout.specs, self._clock.monotonic(),
+            layout.config.deadline_s, attempts,
+            self._doubts(attempts, layout) if opening is None else (), opening,
+            self._query_attempts, self._query_backoff_s,
         )
 
     def _doubts(self, attempts: Sequence[Attempt], layout: Layout) -> tuple[Doubt, ...]:
@@ -235,10 +236,11 @@ class Executor:
     async def _run(self, drive: _Drive, opening: tuple[str, int] | None = None
                    ) -> RepaymentResult:
         flow = repayment_flow(self._plan(drive, opening))
+        perform = self._handlers
         try:
             action = next(flow)
             while True:
-                action = flow.send(await self._perform(action, drive))
+                action = flow.send(await perform[type(action)](action, drive))
         except StopIteration:
             pass
         finally:
@@ -254,45 +256,45 @@ class Executor:
             drive.layout.lanes[name].breaker.release(permit)
         drive.permits.clear()
 
-    async def _perform(self, action: Action, drive: _Drive) -> Answer:
+    # ---- one handler per action ---------------------------------------------------
+
+    async def _on_admit(self, action: Admit, drive: _Drive) -> Answer:
+        return Answer(self._clock.monotonic(), refusal=self._admit(action, drive))
+
+    async def _on_begin(self, action: Begin, drive: _Drive) -> Answer:
         record = drive.record
-        clock = self._clock
-        # The common actions first: most repayments are one Call and one Finish.
-        if isinstance(action, Call):
-            return await self._call(action, drive)
-        if isinstance(action, Finish):
-            await self._finish(action, drive)
-        elif isinstance(action, Record):
-            await self._record(action, drive)
-        elif isinstance(action, Admit):
-            return Answer(clock.monotonic(), refusal=self._admit(action, drive))
-        elif isinstance(action, Begin):
-            self._gate(record.key)
-            number = await self._journal.begin_attempt(
-                record.key, record.round, action.channel, action.reference, clock.now())
-            return Answer(clock.monotonic(), number=number)
-        elif isinstance(action, Query):
-            return await self._query(action, drive)
-        elif isinstance(action, Resolve):
-            result = action.result
-            await self._journal.resolve_attempts(
-                record.key, record.round, action.reference, result.outcome, clock.now(),
-                result.channel_reference)
-            self._emit(AttemptResolved(record.key, action.channel, action.reference,
-                                       result.outcome))
-        elif isinstance(action, Wait):
-            await clock.sleep(action.seconds)
-        elif isinstance(action, Emit):
-            self._emit(action.event)
-        elif isinstance(action, Pending):
-            await self._journal.set_pending(
-                record.key, record.round, PendingReason.AWAITING_CHANNEL, action.channel,
-                action.code, clock.now())
-            self._emit(RepaymentPending(record.key, action.channel, action.code))
-            stored = await self._journal.load(record.key)
-            assert stored is not None
-            drive.result = stored.result()
-        return Answer(clock.monotonic())
+        self._gate(record.key)
+        number = await self._journal.begin_attempt(
+            record.key, record.round, action.channel, action.reference, self._clock.now())
+        return Answer(self._clock.monotonic(), number=number)
+
+    async def _on_resolve(self, action: Resolve, drive: _Drive) -> Answer:
+        record, result = drive.record, action.result
+        await self._journal.resolve_attempts(
+            record.key, record.round, action.reference, result.outcome, self._clock.now(),
+            result.channel_reference)
+        self._emit(AttemptResolved(record.key, action.channel, action.reference,
+                                   result.outcome))
+        return Answer(self._clock.monotonic())
+
+    async def _on_wait(self, action: Wait, drive: _Drive) -> Answer:
+        await self._clock.sleep(action.seconds)
+        return Answer(self._clock.monotonic())
+
+    async def _on_emit(self, action: Emit, drive: _Drive) -> Answer:
+        self._emit(action.event)
+        return Answer(self._clock.monotonic())
+
+    async def _on_pending(self, action: Pending, drive: _Drive) -> Answer:
+        record = drive.record
+        await self._journal.set_pending(
+            record.key, record.round, PendingReason.AWAITING_CHANNEL, action.channel,
+            action.code, self._clock.now())
+        self._emit(RepaymentPending(record.key, action.channel, action.code))
+        stored = await self._journal.load(record.key)
+        assert stored is not None
+        drive.result = stored.result()
+        return Answer(self._clock.monotonic())
 
     def _admit(self, action: Admit, drive: _Drive) -> str | None:
         record = drive.record
@@ -309,7 +311,7 @@ class Executor:
             drive.permits[action.channel] = permit
         return reason
 
-    async def _call(self, action: Call, drive: _Drive) -> Answer:
+    async def _on_call(self, action: Call, drive: _Drive) -> Answer:
         lane = drive.layout.lanes[action.channel]
         key = drive.record.key
         permit = drive.permits.pop(action.channel)
@@ -341,8 +343,8 @@ class Executor:
             lane.breaker.release(permit)
             raise
         lane.breaker.record(permit, failed=breaker_failure(result.outcome))
-        if not running:
-            self._remember_sent(action.reference)
+        if not running and result.outcome not in SETTLING_SUBMIT_OUTCOMES:
+            self._remember_sent(action.reference)  # in doubt: settle_s counts from now
         if self._hooks:
             self._emit(AttemptFinished(key, lane.name, action.reference, result.outcome,
                                        result.code, self._clock.monotonic() - started))
@@ -375,7 +377,7 @@ class Executor:
                               self._clock)
         return result, None if thread.done() else thread
 
-    async def _record(self, action: Record, drive: _Drive) -> None:
+    async def _on_record(self, action: Record, drive: _Drive) -> Answer:
         record = drive.record
         await self._journal.finish_attempt(record.key, action.number, action.result,
                                            self._clock.now())
@@ -386,6 +388,7 @@ class Executor:
             reference = make_reference(record.key, record.round, action.channel)
             thread.add_done_callback(
                 lambda done: self._late(record.key, action.number, reference, lane, done))
+        return Answer(self._clock.monotonic())
 
     def _late(self, key: str, number: int, reference: str, lane: Lane,
               thread: asyncio.Future[Any]) -> None:
@@ -410,7 +413,7 @@ class Executor:
         if not task.cancelled() and task.exception() is not None:
             _log.error("could not journal a late answer", exc_info=task.exception())
 
-    async def _query(self, action: Query, drive: _Drive) -> Answer:
+    async def _on_query(self, action: Query, drive: _Drive) -> Answer:
         lane = drive.layout.lanes[action.channel]
         self._gate(drive.record.key)
         request = drive.request(action.reference)
@@ -440,7 +443,7 @@ class Executor:
         return Answer(self._clock.monotonic(), result=result, asked_at=asked, running=running,
                       sent_by=sent_by)
 
-    async def _finish(self, action: Finish, drive: _Drive) -> None:
+    async def _on_finish(self, action: Finish, drive: _Drive) -> Answer:
         record = drive.record
         resolution = None
         if action.resolution is not None:
@@ -461,3 +464,4 @@ class Executor:
             else:
                 self._emit(RepaymentFailed(record.key, action.code or "failed", attempts))
         drive.result = final.result()
+        return Answer(0.0)  # the flow ends here: nothing reads it

@@ -24,6 +24,7 @@ The rules it keeps, in the order they are applied:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Generator, Mapping
@@ -55,6 +56,7 @@ CHANNEL_NOT_CONFIGURED = "channel_not_configured"
 # ---- the plan: what the flow is given -------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)  # a new repayment's opening reference is asked for twice
 def make_reference(key: str, round: int, channel: str) -> str:
     """The reference of a repayment on a channel in a round.
 
@@ -339,7 +341,8 @@ def _channel(
     """Try one channel with its retries.  Returns the code to fail over with, or
     ``None`` once the repayment has ended (finished or pending) here."""
     reference = make_reference(run.plan.key, run.plan.round, lane.name)
-    retries = _Retries(lane)
+    retries: _Retries | None = None  # built when a retry is considered: most need none
+    calls = 0
     doubt = False
     """An earlier call with this reference may have collected and nothing proved otherwise."""
     code: str | None = None
@@ -351,7 +354,7 @@ def _channel(
         run.now = called.at
         result = called.result
         assert result is not None
-        retries.called(run.now)
+        calls += 1
         # An answer given while the call still runs is not the call's (a timeout's): it
         # may still collect, whatever the answer says.
         verdict = Verdict.NEEDS_QUERY if called.running else decide.after_submit(result.outcome)
@@ -389,7 +392,10 @@ def _channel(
             return None
         if verdict is Verdict.REFUSED:
             return code or "declined"
-        if not decide.may_retry_same(verdict, lane.idempotent) or not retries.allow(run):
+        if not decide.may_retry_same(verdict, lane.idempotent):
+            break
+        retries = retries or _Retries(lane)
+        if not retries.allow(run, calls):
             break
         backoff = retries.backoff()
         yield Wait(backoff)
@@ -412,39 +418,25 @@ class _Retries:
     flow's clock instead of tenacity's own."""
 
     def __init__(self, lane: LanePlan) -> None:
-        self._lane = lane
-        self._calls = 0
-        self._now = 0.0
-        self._state: RetryCallState | None = None  # built at the first retry: most need none
-
-    def called(self, now: float) -> None:
-        self._calls += 1
-        self._now = now
-
-    def _current(self) -> RetryCallState:
-        if self._state is None:
-            self._state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]
-            lane = self._lane
-            self._wait = wait_exponential(multiplier=lane.initial_backoff_s,
-                                          min=lane.initial_backoff_s, max=lane.max_backoff_s)
-        state = self._state
-        state.attempt_number = self._calls
-        # Delays count from now: "since start" is zero, and the delay left is the deadline's.
-        state.start_time = state.outcome_timestamp = self._now
-        return state
+        self._max_attempts = lane.max_attempts
+        self._wait = wait_exponential(multiplier=lane.initial_backoff_s,
+                                      min=lane.initial_backoff_s, max=lane.max_backoff_s)
+        self._state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]
+        self._state.start_time = self._state.outcome_timestamp = 0.0
+        # Delays count from the last call: "since start" is zero, so the delay that may
+        # still start before the deadline is exactly the time left.
 
     def backoff(self) -> float:
-        return float(self._wait(self._current()))
+        return float(self._wait(self._state))
 
-    def allow(self, run: _Pass) -> bool:
-        """Whether another call may be made: attempts left, and its backoff ends
-        before the deadline (no call of any kind starts after it)."""
-        if self._calls >= self._lane.max_attempts:
-            return False
-        state = self._current()
+    def allow(self, run: _Pass, calls: int) -> bool:
+        """Whether another call may be made after ``calls``: attempts left, and its
+        backoff ends before the deadline (no call of any kind starts after it)."""
+        state = self._state
+        state.attempt_number = calls
         state.upcoming_sleep = self.backoff()
         left = run.deadline - run.now
-        stop = stop_any(stop_after_attempt(self._lane.max_attempts), stop_before_delay(left))
+        stop = stop_any(stop_after_attempt(self._max_attempts), stop_before_delay(left))
         return left > 0 and not stop(state)
 
 

@@ -20,6 +20,8 @@ class Registry:
 
     def __init__(self) -> None:
         self._tasks: dict[str, asyncio.Task[RepaymentResult]] = {}
+        self._tags: dict[str, object] = {}
+        """Key -> what its task was started with (the intent a repay() brought)."""
 
     def __contains__(self, key: str) -> bool:
         return key in self._tasks
@@ -30,7 +32,12 @@ class Registry:
     def tasks(self) -> list[asyncio.Task[RepaymentResult]]:
         return list(self._tasks.values())
 
-    def start(self, key: str, work: Callable[[], Work]) -> asyncio.Task[RepaymentResult]:
+    def tag(self, key: str) -> object | None:
+        """What the task driving ``key`` was started with, if it was given anything."""
+        return self._tags.get(key)
+
+    def start(self, key: str, work: Callable[[], Work], tag: object = None
+              ) -> asyncio.Task[RepaymentResult]:
         """The task driving ``key``: the one running, else a new one running ``work()``.
 
         Synchronous on purpose: between a caller's check and the task's registration
@@ -40,6 +47,8 @@ class Registry:
         if task is None:
             task = asyncio.get_running_loop().create_task(work(), name=f"failover:{key}")
             self._tasks[key] = task
+            if tag is not None:
+                self._tags[key] = tag
             task.add_done_callback(self._forget)
         return task
 
@@ -47,6 +56,7 @@ class Registry:
         key = task.get_name().removeprefix("failover:")
         if self._tasks.get(key) is task:
             del self._tasks[key]
+            self._tags.pop(key, None)
         if task.cancelled():
             return
         error = task.exception()  # retrieved here, so asyncio never warns it was not

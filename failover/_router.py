@@ -58,7 +58,6 @@ class Router:
         self._recovery_concurrency = recovery_concurrency
         self._life = Lifecycle(journal, self._clock, self._executor, self._registry,
                                self._resume, recovery_concurrency)
-        self._intents: dict[str, Intent] = {}
 
     @classmethod
     def from_config(
@@ -156,8 +155,8 @@ class Router:
         preference = self._channels.check_preference(channels)
         existing = self._registry.get(repayment.key)
         if existing is not None:  # being driven: check it is the same money, then join
-            first = self._intents.get(repayment.key)
-            if first is not None:  # its intent may not be written yet: compare with it
+            first = self._registry.tag(repayment.key)
+            if isinstance(first, Intent):  # its intent may not be written yet: compare with it
                 new_record(first.repayment, None, self._clock.now()).check_same(repayment)
             else:
                 record = await self._journal.load(repayment.key)
@@ -169,9 +168,7 @@ class Router:
         intent = Intent(repayment)
         layout = self._channels.layout
         task = self._registry.start(
-            repayment.key, lambda: self._executor.start(intent, preference, layout))
-        self._intents[repayment.key] = intent
-        task.add_done_callback(lambda _: self._intents.pop(repayment.key, None))
+            repayment.key, lambda: self._executor.start(intent, preference, layout), intent)
         result = await self._registry.join(task)
         if intent.conflict is not None:
             raise intent.conflict
