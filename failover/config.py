@@ -277,16 +277,9 @@ class RouterConfig(_Model):
 
     @model_validator(mode="after")
     def _distinct_priorities(self) -> Self:
-        seen: dict[int, str] = {}
-        for name, channel in self.channels.items():
-            if channel.priority is None:
-                continue
-            if channel.priority in seen:
-                raise ValueError(
-                    f"channels {seen[channel.priority]!r} and {name!r} "
-                    f"share priority {channel.priority}"
-                )
-            seen[channel.priority] = name
+        clash = _priority_clash({name: c.priority for name, c in self.channels.items()})
+        if clash is not None:
+            raise ValueError(clash)
         return self
 
     def channel(self, name: str) -> ChannelConfig:
@@ -343,7 +336,7 @@ class RouterConfig(_Model):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, str(path), blame)) from exc
+            raise ConfigError(_every_problem(exc, data, str(path), blame)) from exc
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any], *, source: str = "config") -> RouterConfig:
@@ -351,7 +344,35 @@ class RouterConfig(_Model):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, source)) from exc
+            raise ConfigError(_every_problem(exc, data, source)) from exc
+
+
+def _priority_clash(priorities: Mapping[str, object]) -> str | None:
+    seen: dict[object, str] = {}
+    for name, priority in priorities.items():
+        if priority is None or isinstance(priority, bool) or not isinstance(priority, int):
+            continue
+        if priority in seen:
+            return f"channels {seen[priority]!r} and {name!r} share priority {priority}"
+        seen[priority] = name
+    return None
+
+
+def _every_problem(
+    exc: ValidationError, data: Any, source: str,
+    blame: Callable[[tuple[int | str, ...]], str] | None = None,
+) -> str:
+    """Every problem in a file: pydantic skips the checks across fields (two channels
+    with one priority) once a field is invalid, so they are run again on the raw data."""
+    message = format_validation_error(exc, source, blame)
+    channels = data.get("channels") if isinstance(data, dict) else None
+    if isinstance(channels, dict):
+        clash = _priority_clash({name: c.get("priority") for name, c in channels.items()
+                                 if isinstance(c, dict)})
+        if clash is not None and clash not in message:
+            where = blame(()) if blame is not None else source
+            message += f"\n{where}: {clash}"
+    return message
 
 
 class _EnvShape(BaseSettings):

@@ -198,3 +198,17 @@ def test_channels_rejects_what_repayment_rejects(capsys, amount, currency, field
     assert "" == out
     assert [f"failover channels: {field}"] == [
         ": ".join(line.split(": ")[:2]) for line in err.splitlines()]
+
+
+def test_validate_reports_a_priority_clash_beside_invalid_values(tmp_path, capsys):
+    """Two channels sharing a priority are reported with the file's invalid values."""
+    path = tmp_path / "failover.toml"
+    path.write_text("[channels.a]\npriority = 1\ntimeout_s = 0\n"
+                    "[channels.b]\npriority = 1\n")
+
+    code, _, err = _run(capsys, "validate", str(path))
+
+    assert 2 == code
+    assert [f"failover validate: {path}: channels.a.timeout_s: Input should be greater than 0"
+            " (got 0)",
+            f"failover validate: {path}: channels 'a' and 'b' share priority 1"] == err.splitlines()

@@ -145,8 +145,9 @@ def test_the_flow_imports_nothing_that_does_io():
         elif isinstance(node, ast.ImportFrom):
             imported.add(node.module or "")
 
-    allowed = {"__future__", "functools", "hashlib", "math", "collections.abc", "dataclasses", "tenacity",
-               "failover", "failover._decisions", "failover._models", "failover.events"}
+    allowed = {"__future__", "functools", "hashlib", "math", "collections.abc", "dataclasses",
+               "tenacity", "failover", "failover._decisions", "failover._models",
+               "failover.events"}
     assert set() == imported - allowed
 
 
