@@ -10,7 +10,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from failover._errors import RouterClosedError
+from failover._errors import ReentrantCallError, RouterClosedError
 from failover._models import Repayment, RepaymentResult
 from failover._router import Router
 from failover.config import RouterConfig
@@ -30,7 +30,8 @@ class BlockingRouter:
     result if its work finished first, else ``RouterClosedError``; none is left
     waiting.  Its methods must not be called from the router's own loop thread (an
     async adapter or a hook): that would wait on the loop it blocks, so it raises
-    ``RuntimeError`` instead; ``await`` the ``router`` property's methods there.
+    ``ReentrantCallError`` (a ``RuntimeError``) instead; ``await`` the ``router``
+    property's methods there.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -135,7 +136,7 @@ class BlockingRouter:
     def _refuse_own_loop(self) -> None:
         thread = self._thread
         if thread is not None and thread.ident == threading.get_ident():
-            raise RuntimeError(
+            raise ReentrantCallError(
                 "a BlockingRouter method was called from the router's own event loop"
                 " (an async adapter or hook): it would wait on the loop it blocks;"
                 " await the methods of BlockingRouter.router there instead"

@@ -10,7 +10,8 @@
      ├── JournalError             the journal cannot be used
      │    ├── SchemaVersionError  the journal was written by a newer version
      │    └── TerminalStateError  an attempt to change a finished repayment
-     └── RouterClosedError        the router is not open
+     ├── RouterClosedError        the router is not open
+     └── ReentrantCallError       a BlockingRouter called from its own event loop
 
 Errors carry context (``key``, ``channel``) as attributes so a service can
 log or map them without parsing messages.  Errors from providers (sqlite3,
@@ -91,3 +92,8 @@ class TerminalStateError(JournalError):
 
 class RouterClosedError(FailoverError):
     """The router was used outside ``async with router`` (or after it closed)."""
+
+
+class ReentrantCallError(FailoverError, RuntimeError):
+    """A ``BlockingRouter`` method was called from the router's own event loop (an async
+    adapter or a hook running there): it would wait on the loop it blocks."""

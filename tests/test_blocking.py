@@ -136,7 +136,7 @@ def test_calls_after_close_raise_router_closed_error():
 
 def test_call_from_its_own_loop_raises_instead_of_deadlocking():
     """A BlockingRouter method called on the router's own loop thread (an async adapter or
-    hook) raises RuntimeError at once instead of deadlocking the loop."""
+    hook) raises ReentrantCallError at once instead of deadlocking the loop."""
     channel = CallsBack()
     blocking = failover.BlockingRouter([channel], failover.MemoryJournal())
     channel.blocking = blocking
@@ -146,7 +146,7 @@ def test_call_from_its_own_loop_raises_instead_of_deadlocking():
     blocking.close()
 
     assert failover.RepaymentStatus.SUCCEEDED == result.status
-    assert RuntimeError is type(channel.error)
+    assert failover.ReentrantCallError is type(channel.error)
 
 
 def test_close_passes_grace_s_through(monkeypatch):
