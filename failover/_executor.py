@@ -73,6 +73,25 @@ class Intent:
 
     repayment: Repayment
     conflict: IdempotencyConflict | None = None
+    stored: JournalRecord | None = None
+    """The repayment as the journal holds it, once the intent write has answered."""
+    _waiters: list[asyncio.Future[JournalRecord | None]] | None = None
+
+    async def written(self) -> JournalRecord | None:
+        """The stored repayment, once known (``None`` if the write failed): what a second
+        caller of the key must be compared with, not this caller's repayment."""
+        if self.stored is not None:
+            return self.stored
+        waiter: asyncio.Future[JournalRecord | None] = asyncio.get_running_loop().create_future()
+        self._waiters = [*(self._waiters or []), waiter]
+        return await waiter
+
+    def settle(self, stored: JournalRecord | None) -> None:
+        self.stored = stored
+        for waiter in self._waiters or ():
+            if not waiter.done():
+                waiter.set_result(stored)
+        self._waiters = None
 
 
 @dataclass(slots=True)
@@ -131,6 +150,8 @@ class Executor:
     def open(self) -> None:
         self.opened_wall = self._clock.now()
         self.opened_at = self._clock.monotonic()
+        # Whatever was sent before this open is bounded by opened_at from now on.
+        self._sent_by.clear()
         self.closing = self.closed = False
 
     def _emit(self, event: Event) -> None:
@@ -168,9 +189,14 @@ class Executor:
         try:
             first = None if opening is None else (opening, make_reference(repayment.key, 1,
                                                                            opening))
-            record, created = await self._journal.create(
-                repayment, preference, self._clock.now(), first_attempt=first
-            )
+            try:
+                record, created = await self._journal.create(
+                    repayment, preference, self._clock.now(), first_attempt=first
+                )
+            finally:
+                if intent.stored is None:  # failed or cancelled: joiners read the journal
+                    intent.settle(None)
+            intent.settle(record)
             if not created:
                 self._release(drive)
                 try:
@@ -225,9 +251,11 @@ class Executor:
             lane = layout.lanes.get(attempt.channel)
             ended = None if lane is None or lane.runner is None \
                 else lane.runner.ended_at(attempt.reference, self._clock)
-            sent_by = self._sent_by.get(attempt.reference, ended)
-            if sent_by is None:
-                sent_by = self.opened_at if attempt.started_at < self.opened_wall else now
+            before_open = self.opened_at if attempt.started_at < self.opened_wall else None
+            # The latest of every bound known: one for each way a request can have gone.
+            bounds = [b for b in (self._sent_by.get(attempt.reference), ended, before_open)
+                      if b is not None]
+            sent_by = max(bounds) if bounds else now
             slot = (attempt.channel, attempt.reference)
             latest[slot] = max(latest.get(slot, sent_by), sent_by)
         return tuple(Doubt(channel, reference, when)
@@ -339,8 +367,9 @@ class Executor:
                                       lane.config.codes, self._clock)
         except BaseException:
             # Cancelled (the router is closing or the process is going down): neither a
-            # success nor a failure of the channel.
+            # success nor a failure of the channel; its request may have gone until now.
             lane.breaker.release(permit)
+            self._remember_sent(action.reference)
             raise
         lane.breaker.record(permit, failed=breaker_failure(result.outcome))
         if not running and result.outcome not in SETTLING_SUBMIT_OUTCOMES:
@@ -375,7 +404,13 @@ class Executor:
 
         result = await invoke(wait, request, lane.config.timeout_s, lane.config.codes,
                               self._clock)
-        return result, None if thread.done() else thread
+        if not thread.done():
+            return result, thread
+        if result.code == "timeout":  # it ended just after the timeout: its answer counts
+            error = thread.exception()
+            result = answer_of(None if error else thread.result(), error=error,
+                               codes=lane.config.codes)
+        return result, None
 
     async def _on_record(self, action: Record, drive: _Drive) -> Answer:
         record = drive.record

@@ -458,10 +458,11 @@ def _settle(
         answer = reply.result
         running = reply.running
         verdict = decide.after_query(answer.outcome)
+        if reply.running and verdict is not Verdict.COLLECTED:
+            # While our own submit still runs, only a collection is proof of anything.
+            return Verdict.IN_DOUBT, ChannelResult.unknown(
+                IN_THE_AIR, "the submit is still running")
         if verdict is Verdict.NOT_COLLECTED:
-            if reply.running:
-                return Verdict.IN_DOUBT, ChannelResult.unknown(
-                    IN_THE_AIR, "the submit is still running")
             if reply.sent_by is not None:  # a thread sent it, and ended then
                 since = reply.sent_by if math.isinf(since) else max(since, reply.sent_by)
             elif math.isinf(since):  # the thread ended before this query was asked
@@ -480,8 +481,6 @@ def _settle(
         if verdict is not Verdict.IN_DOUBT:
             return verdict, answer
         asked += 1
-        if reply.running:  # nothing will be proved while our own submit still runs
-            break
         backoff = min(plan.query_backoff_s * 2 ** (asked - 1), 1.0)
         if asked >= plan.query_attempts or run.now + backoff >= run.deadline:
             break

@@ -40,6 +40,7 @@ class Lifecycle:
         self._recovery: asyncio.Task[list[RepaymentResult]] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._closing: asyncio.Task[None] | None = None
+        self._opening: asyncio.Task[None] | None = None
 
     def require_open(self) -> None:
         if not self.is_open:
@@ -48,9 +49,20 @@ class Lifecycle:
     async def open(self) -> None:
         """Claim and open the journal, then resolve and resume every unfinished
         repayment in the background: each first asks the channels about its attempts
-        in doubt."""
+        in doubt.  Callers at the same time share one opening."""
         if self.is_open:
             return
+        if self._opening is None:
+            self._opening = asyncio.get_running_loop().create_task(self._open())
+            self._opening.add_done_callback(self._opened)
+        await asyncio.shield(self._opening)
+
+    def _opened(self, task: asyncio.Task[None]) -> None:
+        self._opening = None
+        if not task.cancelled():
+            task.exception()  # retrieved: the callers that went away must not warn
+
+    async def _open(self) -> None:
         if self._closing is not None:
             await asyncio.shield(self._closing)  # a close in progress ends first
         owner = _OWNERS.get(id(self._journal))

@@ -25,7 +25,7 @@ from failover._policy import Breaker, RetryBudget
 from failover._registry import Registry, drain
 from failover.config import RouterConfig
 from failover.events import Hook
-from failover.journal._base import Journal, new_record
+from failover.journal._base import Journal
 
 __all__ = ["Router", "make_reference"]
 
@@ -156,12 +156,13 @@ class Router:
         existing = self._registry.get(repayment.key)
         if existing is not None:  # being driven: check it is the same money, then join
             first = self._registry.tag(repayment.key)
-            if isinstance(first, Intent):  # its intent may not be written yet: compare with it
-                new_record(first.repayment, None, self._clock.now()).check_same(repayment)
-            else:
+            # Compared with what the journal holds, once the first caller's intent write
+            # has answered (its repayment is not the stored one if the key existed).
+            record = await first.written() if isinstance(first, Intent) else None
+            if record is None:
                 record = await self._journal.load(repayment.key)
-                if record is not None:
-                    record.check_same(repayment)
+            if record is not None:
+                record.check_same(repayment)
             return await self._registry.join(existing)
         # The repayment's own task writes its intent: a caller cancelled meanwhile
         # leaves it driven all the same, and close() sees it from this line on.

@@ -700,3 +700,86 @@ async def test_a_wall_clock_step_does_not_shorten_settle_s(make_router):
 
     assert (RepaymentStatus.PENDING, RepaymentStatus.PENDING) == (first.status, after.status)
     assert ["gateway:loan-42/instalment-7"] == collections(backup)
+
+
+class QueueingGateway:
+    """Deduplicates by reference; its first submit times out without collecting; a
+    resubmit is received and applied a second later, and its answer never comes."""
+
+    name = "gw"
+    idempotent = True
+
+    def __init__(self, clock: FakeClock, ledger: MemoryLedger) -> None:
+        self.clock, self.ledger = clock, ledger
+        self.submits = self.queries = 0
+        self.queue: list[tuple[float, failover.ChannelRequest]] = []
+
+    def apply_due(self) -> None:
+        for due, request in [item for item in self.queue if item[0] <= self.clock.monotonic()]:
+            self.queue.remove((due, request))
+            if self.ledger.find(self.name, request.reference) is None:
+                self.ledger.record(Collection(self.name, request.reference,
+                                              request.repayment_key, request.amount, "gw-1"))
+
+    async def submit(self, request: failover.ChannelRequest) -> ChannelResult:
+        self.apply_due()
+        self.submits += 1
+        if self.submits == 1:
+            return ChannelResult.unknown("gateway_timeout")
+        self.queue.append((self.clock.monotonic() + 1.0, request))
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def query(self, request: failover.ChannelRequest) -> ChannelResult:
+        self.apply_due()
+        self.queries += 1
+        if self.queries <= 3:
+            return ChannelResult.unknown("status_lag")
+        found = self.ledger.find(self.name, request.reference)
+        return ChannelResult.succeeded("gw-1") if found else ChannelResult.not_found()
+
+
+async def test_reopening_the_same_router_waits_settle_s_for_a_cut_off_resubmit(clock):
+    """A resubmit cut off by close(): the same router opened again counts settle_s from
+    its opening, not from an earlier call with that reference."""
+    ledger = MemoryLedger()
+    gateway = QueueingGateway(clock, ledger)
+    backup = ScriptedChannel("backup", ledger=ledger)
+    config = fast(gw={"timeout_s": 30.0, "settle_s": 5.0,
+                      "retry": {"initial_backoff_s": 6.0, "max_backoff_s": 6.0}})
+    router = failover.Router([gateway, backup], failover.MemoryJournal(), config, clock=clock)
+    await router.open()
+    caller = asyncio.ensure_future(router.repay(repayment()))
+    for _ in range(1000):
+        if gateway.submits == 2:
+            break
+        await asyncio.sleep(0)
+    await router.close(grace_s=0)
+    await asyncio.gather(caller, return_exceptions=True)
+    await router.open()
+    try:
+        await router.wait_recovered()
+        clock.advance(2.0)
+        gateway.apply_due()
+    finally:
+        await router.close(grace_s=0)
+
+    assert ["gw:loan-42/instalment-7"] == collections(backup)
+
+
+async def test_joining_callers_are_compared_with_the_stored_repayment(make_router):
+    """Callers of a key being resumed are compared with the journal's repayment, not with
+    whichever caller started the resumption."""
+    primary = ScriptedChannel("primary", [Collected(ChannelResult.unknown())],
+                              queries=[ChannelResult.unknown()] * 3)
+    router = await make_router([primary])
+    await router.repay(repayment(amount="100.00"))  # left PENDING
+
+    outcomes = await asyncio.gather(router.repay(repayment(amount="200.00")),
+                                    router.repay(repayment(amount="200.00")),
+                                    router.repay(repayment(amount="100.00")),
+                                    return_exceptions=True)
+
+    assert [failover.IdempotencyConflict, failover.IdempotencyConflict,
+            failover.RepaymentResult] == [type(o) for o in outcomes]
+    assert ["100.00"] == [str(c.amount) for c in primary.ledger.collections()]
