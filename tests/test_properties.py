@@ -379,17 +379,22 @@ class RouterMachine(RuleBasedStateMachine):
         self.reconcile()
 
     def results(self) -> dict[str, failover.RepaymentResult | None]:
-        assert self.router is not None
-        if not self.router.is_open:  # a crash in background work (recovery) stopped it
-            self.crash_and_restart()
-        router = self.router
         for channel in self.channels.values():
             channel.apply_due()  # the providers' queues move with time, asked or not
+        for _ in range(5):
+            assert self.router is not None
+            if not self.router.is_open:  # a crash in background work (recovery) stopped it
+                self.crash_and_restart()
+            router = self.router
 
-        async def fetch():
-            return {key: await router.get(key) for key in self.accepted}
+            async def fetch(router=router):
+                return {key: await router.get(key) for key in self.accepted}
 
-        return self.run(fetch())
+            try:
+                return self.run(fetch())
+            except failover.RouterClosedError:
+                continue  # crashed while reading: restart and read again
+        raise AssertionError("the router kept crashing while its results were read")
 
     @invariant()
     def ledgers_agree(self) -> None:
