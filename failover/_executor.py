@@ -77,14 +77,16 @@ class Intent:
     """The repayment as the journal holds it, once the intent write has answered."""
     _waiters: list[asyncio.Future[JournalRecord | None]] | None = None
 
-    async def written(self) -> JournalRecord | None:
-        """The stored repayment, once known (``None`` if the write failed): what a second
-        caller of the key must be compared with, not this caller's repayment."""
+    async def written(self, task: asyncio.Future[Any]) -> JournalRecord | None:
+        """The stored repayment, once known: what a second caller of the key must be
+        compared with, not this caller's repayment.  ``None`` if ``task`` (the one
+        writing it) ended without saying, cancelled before it ran, for instance."""
         if self.stored is not None:
             return self.stored
         waiter: asyncio.Future[JournalRecord | None] = asyncio.get_running_loop().create_future()
         self._waiters = [*(self._waiters or []), waiter]
-        return await waiter
+        await asyncio.wait([waiter, task], return_when=asyncio.FIRST_COMPLETED)
+        return waiter.result() if waiter.done() else None
 
     def settle(self, stored: JournalRecord | None) -> None:
         self.stored = stored

@@ -14,6 +14,8 @@ from failover._channels import ChannelSet
 from failover._clock import Clock, SystemClock
 from failover._eligibility import Eligibility
 from failover._errors import (
+    JournalError,
+    RouterClosedError,
     TerminalStateError,
     UnknownRepayment,
 )
@@ -158,9 +160,14 @@ class Router:
             first = self._registry.tag(repayment.key)
             # Compared with what the journal holds, once the first caller's intent write
             # has answered (its repayment is not the stored one if the key existed).
-            record = await first.written() if isinstance(first, Intent) else None
-            if record is None:
-                record = await self._journal.load(repayment.key)
+            record = await first.written(existing) if isinstance(first, Intent) else None
+            if record is None and not existing.done():
+                try:
+                    record = await self._journal.load(repayment.key)
+                except JournalError:
+                    if self._life.is_open:
+                        raise
+                    raise RouterClosedError("the router closed during the call") from None
             if record is not None:
                 record.check_same(repayment)
             return await self._registry.join(existing)

@@ -192,11 +192,15 @@ class RouterMachine(RuleBasedStateMachine):
         self.open_router()
 
     def repay(self, repayment: Repayment) -> None:
-        assert self.router is not None
-        try:
-            self.run(self.router.repay(repayment))
-        except (SimulatedCrash, failover.RouterClosedError):
-            self.crash_and_restart()
+        """repay(), as a client does it: when the router went down under the call (its
+        intent may or may not be written), the client calls again on the new one."""
+        for _ in range(5):
+            assert self.router is not None
+            try:
+                self.run(self.router.repay(repayment))
+                return
+            except (SimulatedCrash, failover.RouterClosedError):
+                self.crash_and_restart()
 
     def new_repayment(self, amount: int = 1000) -> Repayment:
         self.serial += 1

@@ -783,3 +783,23 @@ async def test_joining_callers_are_compared_with_the_stored_repayment(make_route
     assert [failover.IdempotencyConflict, failover.IdempotencyConflict,
             failover.RepaymentResult] == [type(o) for o in outcomes]
     assert ["100.00"] == [str(c.amount) for c in primary.ledger.collections()]
+
+
+@pytest.mark.parametrize("steps", [0, 1, 2])
+async def test_a_caller_joining_a_repayment_stopped_before_it_ran_is_answered(journal, steps):
+    """A second caller of a key whose task close() stops before its intent is written
+    gets an answer (RouterClosedError), never a wait that cannot end."""
+    primary = ScriptedChannel("primary")
+    router = failover.Router([primary], journal, clock=FakeClock())
+    await router.open()
+    callers = [asyncio.ensure_future(router.repay(repayment())) for _ in range(2)]
+    for _ in range(steps):
+        await asyncio.sleep(0)
+    await router.close(grace_s=0)
+
+    done, pending = await asyncio.wait(callers, timeout=5)
+
+    assert set() == pending
+    for caller in done:
+        assert caller.cancelled() or caller.exception() is None \
+            or isinstance(caller.exception(), failover.RouterClosedError)
