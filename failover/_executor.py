@@ -195,10 +195,10 @@ class Executor:
                 record, created = await self._journal.create(
                     repayment, preference, self._clock.now(), first_attempt=first
                 )
+                intent.settle(record)
             finally:
                 if intent.stored is None:  # failed or cancelled: joiners read the journal
                     intent.settle(None)
-            intent.settle(record)
             if not created:
                 self._release(drive)
                 try:
