@@ -152,8 +152,11 @@ class Executor:
     def open(self) -> None:
         self.opened_wall = self._clock.now()
         self.opened_at = self._clock.monotonic()
-        # Whatever was sent before this open is bounded by opened_at from now on.
+        # Whatever was sent before this open is bounded by opened_at from now on; threads
+        # an earlier opening left are the SyncRunner's to track, not this opening's to wait
+        # for (their futures belong to that opening's loop, which may be gone).
         self._sent_by.clear()
+        self.threads.clear()
         self.closing = self.closed = False
 
     def _emit(self, event: Event) -> None:

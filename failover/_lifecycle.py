@@ -109,6 +109,9 @@ class Lifecycle:
         """See ``Router.close``.  The shutdown runs in a task of its own: a ``close()``
         that is cancelled (a shutdown timeout) still leaves the router closed and the
         journal free, and a second ``close()`` waits for the first."""
+        if self._opening is not None:  # an open in progress ends first, then is closed
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._opening)
         if self._closing is None:
             if not self.is_open:
                 return

@@ -803,3 +803,33 @@ async def test_a_caller_joining_a_repayment_stopped_before_it_ran_is_answered(jo
     for caller in done:
         assert caller.cancelled() or caller.exception() is None \
             or isinstance(caller.exception(), failover.RouterClosedError)
+
+
+async def test_a_symlink_to_an_open_journal_is_refused(tmp_path: Path, clock):
+    """The one-writer lock is taken on the real file: a second router reaching the same
+    journal through a symlink is refused, so the two cannot both drive a key."""
+    real = tmp_path / "journal.db"
+    link = tmp_path / "alias.db"
+    link.symlink_to(real)
+    primary = ScriptedChannel("primary")
+    async with failover.Router([primary], failover.SQLiteJournal(real), clock=clock):
+        other = failover.Router([primary], failover.SQLiteJournal(link), clock=clock)
+        with pytest.raises(JournalError, match="open for writing"):
+            await other.open()
+
+
+async def test_an_open_cut_short_does_not_block_the_loop(tmp_path: Path, clock):
+    """open() cancelled while the journal is still opening (a shutdown timeout), then
+    close(): both return, and the journal can be opened again."""
+    path = tmp_path / "journal.db"
+    primary = ScriptedChannel("primary")
+    router = failover.Router([primary], failover.SQLiteJournal(path), clock=clock)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(router.open(), 0.0001)
+    await asyncio.wait_for(router.close(grace_s=0), 5)
+    await asyncio.wait_for(router.close(grace_s=0), 5)  # whatever the open did meanwhile
+
+    async with failover.Router([primary], failover.SQLiteJournal(path), clock=clock) as again:
+        result = await again.repay(repayment())
+    assert ["primary:loan-42/instalment-7"] == collections(primary)
+    assert RepaymentStatus.SUCCEEDED == result.status

@@ -159,7 +159,9 @@ class SQLiteJournal:
         try:
             await ready
         except BaseException:
-            self._thread.join()
+            # Failed, or cancelled (a shutdown during the open): the writer thread stops
+            # by itself once it reads the end of its queue; the loop never waits for it.
+            self._queue.put(None)
             self._thread = None
             raise
 
@@ -173,8 +175,11 @@ class SQLiteJournal:
     def _take_lock(self) -> None:
         if fcntl is None:  # pragma: no cover - not POSIX: no cross-process guard
             return
+        # Named after the real file: a symlink to the same journal must meet the same lock.
+        # (A hard link is a second name the lock cannot see: do not link journal files.)
+        lock_path = os.path.realpath(self.path) + ".lock"
         try:
-            fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise JournalError(f"cannot open journal {self.path!r}: {exc.strerror}") from exc
         try:
