@@ -35,8 +35,13 @@ Call = Callable[[ChannelRequest], Awaitable[Any]]
 
 
 def is_sync(method: Callable[..., Any]) -> bool:
-    """Whether an adapter method is a plain ``def`` (run on a worker thread)."""
-    return not inspect.iscoroutinefunction(method)
+    """Whether an adapter method is a plain ``def`` (run on a worker thread).
+
+    A decorated ``async def`` (``functools.wraps`` keeps ``__wrapped__``) and an object
+    whose ``__call__`` is ``async def`` are async."""
+    target = inspect.unwrap(method)
+    call = type(target).__call__ if not inspect.isroutine(target) else None
+    return not (inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(call))
 
 
 class ThreadExit(Exception):

@@ -356,11 +356,11 @@ class Executor:
             lane.breaker.release(permit)
             raise
         request = drive.request(action.reference)
-        if self._hooks:
-            self._emit(AttemptStarted(key, lane.name, action.reference, action.number))
         started = self._clock.monotonic()
         running = False
         try:
+            if self._hooks:  # inside: whatever a hook raises, the permit is given back
+                self._emit(AttemptStarted(key, lane.name, action.reference, action.number))
             if lane.runner is not None:
                 result, thread = await self._call_thread(lane, request)
                 if thread is not None:

@@ -7,6 +7,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -234,6 +235,10 @@ def answer_of(
             result = ChannelResult.unavailable(error.code, error.detail)
             return reclassify(result, codes) if codes else result
         return ChannelResult.unknown("adapter_error", f"{type(error).__name__}: {error}")
+    if inspect.iscoroutine(value):  # a plain def that returned a coroutine: never run
+        value.close()
+        return ChannelResult.unknown(
+            "bad_result", "a plain-def adapter method returned a coroutine: declare it async def")
     problem = _malformed(value)
     if problem is not None:
         return ChannelResult.unknown("bad_result", problem)

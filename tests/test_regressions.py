@@ -8,6 +8,7 @@ and checks the channels' ledgers, not the router's own bookkeeping.  They use on
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from pathlib import Path
 
@@ -833,3 +834,29 @@ async def test_an_open_cut_short_does_not_block_the_loop(tmp_path: Path, clock):
         result = await again.repay(repayment())
     assert ["primary:loan-42/instalment-7"] == collections(primary)
     assert RepaymentStatus.SUCCEEDED == result.status
+
+
+def _logged(method):
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        return method(*args, **kwargs)
+
+    return wrapper
+
+
+class DecoratedGateway(ScriptedChannel):
+    """An async adapter whose methods a plain (functools.wraps) decorator wraps."""
+
+    submit = _logged(ScriptedChannel.submit)
+    query = _logged(ScriptedChannel.query)
+
+
+async def test_a_decorated_async_adapter_is_awaited_not_threaded(make_router):
+    """A decorated async def is still async: it is awaited, and collects once."""
+    gateway = DecoratedGateway("gateway")
+    router = await make_router([gateway])
+
+    result = await router.repay(repayment())
+
+    assert (RepaymentStatus.SUCCEEDED, "gateway") == (result.status, result.channel)
+    assert ["gateway:loan-42/instalment-7"] == collections(gateway)
