@@ -146,7 +146,9 @@ class SyncRunner:
 def time_source(clock: Clock) -> object:
     """What makes two clocks' monotonic times comparable: the system's for every
     ``SystemClock``, else the clock object itself."""
-    return getattr(clock, "time_source", None) or id(clock)
+    # The clock object itself, not its id: the runner keeps it with the times it read,
+    # so a collected clock's id can never be taken by another clock and match.
+    return getattr(clock, "time_source", None) or clock
 
 
 _RUNNERS: dict[tuple[str, str], SyncRunner] = {}
