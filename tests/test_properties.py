@@ -293,6 +293,12 @@ class RouterMachine(RuleBasedStateMachine):
         self.finish_callers([task])
 
     @rule()
+    def auto_debit_threads_overrun(self) -> None:
+        """The plain-def channel's submits start to outlive their timeout (a rule of its
+        own: among every channel x profile pair it would come up too seldom)."""
+        self.channels["auto_debit"].profile = PROFILES["overrunning"]
+
+    @rule()
     def overrunning_threads_finish(self) -> None:
         """Plain-def submits that outlived their timeout answer at last."""
         channel = self.channels["auto_debit"]
