@@ -29,8 +29,6 @@ class Verdict(enum.Enum):
     """It may have collected, and nothing proved otherwise yet."""
     NEEDS_QUERY = "needs_query"
     """Unknown: ask the channel before anything else."""
-    SKIPPED = "skipped"
-    """No call was made (the breaker did not admit one)."""
 
 
 def after_submit(outcome: Outcome) -> Verdict:
@@ -72,42 +70,6 @@ def may_retry_same(verdict: Verdict, idempotent: bool) -> bool:
     if verdict in (Verdict.NOT_COLLECTED, Verdict.IN_DOUBT):
         return idempotent
     return False
-
-
-def settles_doubt(verdict: Verdict) -> bool:
-    """Whether this answer (to a resubmit or a query, same reference) settles earlier doubt."""
-    return verdict in (Verdict.COLLECTED, Verdict.STOP, Verdict.REFUSED, Verdict.NOT_COLLECTED)
-
-
-class ChannelEnd(enum.Enum):
-    """How trying one channel (with its retries) ended for the repayment."""
-
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    """Rejected: the repayment fails."""
-    NEXT = "next"
-    """Nothing collected here: fail over to the next channel."""
-    PENDING = "pending"
-    """Something may have been collected: stop and wait for the channel's answer."""
-    SKIPPED = "skipped"
-    """No call was made: treat the channel as ineligible."""
-
-
-def channel_end(last: Verdict, doubt: bool, called: bool) -> ChannelEnd:
-    """How a channel ends given its last verdict and whether an earlier attempt is still in doubt.
-
-    Doubt always wins over moving on: failing over while an attempt may have
-    collected is how money gets taken twice.
-    """
-    if last is Verdict.COLLECTED:
-        return ChannelEnd.SUCCEEDED
-    if last is Verdict.STOP:
-        return ChannelEnd.FAILED
-    if doubt or last in (Verdict.IN_DOUBT, Verdict.NEEDS_QUERY):
-        return ChannelEnd.PENDING
-    if last is Verdict.SKIPPED and not called:
-        return ChannelEnd.SKIPPED
-    return ChannelEnd.NEXT
 
 
 def refuses_again(outcome: Outcome | None, resolution: Outcome | None) -> bool:

@@ -450,18 +450,18 @@ def _settle(
     settle_s = plan.lanes[channel].settle_s
     asked = 0
     answer = ChannelResult.unknown(DEADLINE, "no query before the deadline")
-    running = math.isinf(since)
+    running = math.isinf(since)  # the call's own thread, until a query says it ended
     while not run.late():
         reply = yield Query(channel, reference)
         run.now = reply.at
         assert reply.result is not None
         answer = reply.result
-        running = reply.running
         verdict = decide.after_query(answer.outcome)
         if reply.running and verdict is not Verdict.COLLECTED:
             # While our own submit still runs, only a collection is proof of anything.
             return Verdict.IN_DOUBT, ChannelResult.unknown(
                 IN_THE_AIR, "the submit is still running")
+        running = False
         if verdict is Verdict.NOT_COLLECTED:
             if reply.sent_by is not None:  # a thread sent it, and ended then
                 since = reply.sent_by if math.isinf(since) else max(since, reply.sent_by)

@@ -6,11 +6,9 @@ import pytest
 
 from failover import Outcome
 from failover._decisions import (
-    ChannelEnd,
     Verdict,
     after_query,
     after_submit,
-    channel_end,
     may_retry_same,
 )
 
@@ -52,10 +50,3 @@ def test_unresolved_doubt_retries_only_idempotent_channels():
     """After an unresolved UNKNOWN only a deduplicating channel may be called again."""
     assert (True, False) == (may_retry_same(Verdict.IN_DOUBT, True),
                              may_retry_same(Verdict.IN_DOUBT, False))
-
-
-@pytest.mark.parametrize("last", [Verdict.FAILED, Verdict.REFUSED, Verdict.SKIPPED,
-                                  Verdict.NOT_COLLECTED])
-def test_doubt_wins_over_moving_on(last):
-    """A channel with an attempt still in doubt ends PENDING, never NEXT."""
-    assert ChannelEnd.PENDING == channel_end(last, doubt=True, called=True)

@@ -135,6 +135,21 @@ def test_a_crash_left_attempt_is_settled_first():
     assert ("card", RepaymentStatus.SUCCEEDED) == (actions[-1].channel, actions[-1].status)
 
 
+def test_doubt_wins_over_moving_on():
+    """A resubmit answering UNAVAILABLE settles nothing: with the retries used up, the
+    repayment waits PENDING on that channel instead of failing over."""
+    unknown, down = result(Outcome.UNKNOWN), result(Outcome.UNAVAILABLE)
+    actions = run_script(plan(order=("card", "debit"), opening=("card", 1)), [
+        Answer(0.1, result=unknown),
+        *[Answer(0.2 + i, result=unknown, asked_at=0.2 + i) for i in range(3)],
+        Answer(4.0), Answer(4.0, number=2), Answer(4.1, result=down),
+        Answer(5.0), Answer(5.0, number=3), Answer(5.1, result=down),
+    ])
+
+    assert Pending("card", "unavailable") == actions[-1]
+    assert [] == [a for a in actions if getattr(a, "channel", "card") != "card"]
+
+
 def test_the_flow_imports_nothing_that_does_io():
     """The flow module imports only pure modules: no asyncio, threads, files or sockets."""
     source = Path(decisions.__file__).with_name("_flow.py").read_text()

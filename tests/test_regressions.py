@@ -43,6 +43,12 @@ async def eventually(condition, limit_s: float = 5.0) -> None:
     raise AssertionError("condition not met in time")
 
 
+async def ended(router: failover.Router) -> bool:
+    """Whether the repayment under test is no longer PENDING."""
+    result = await router.get(repayment().key)
+    return result is not None and result.status is not RepaymentStatus.PENDING
+
+
 # ---- 1. a submit answering NOT_FOUND stays in doubt -----------------------------------
 
 
@@ -99,12 +105,7 @@ async def test_a_sync_adapter_past_its_timeout_keeps_the_attempt_in_doubt(journa
     async with failover.Router([slow, backup], journal, config, clock=clock) as router:
         first = await router.repay(repayment())
         slow.release.set()
-
-        async def settled() -> bool:
-            result = await router.get(repayment().key)
-            return result is not None and result.status is not RepaymentStatus.PENDING
-
-        await eventually(settled)
+        await eventually(lambda: ended(router))
         final = await router.get(repayment().key)
 
     assert RepaymentStatus.PENDING == first.status
@@ -522,12 +523,7 @@ async def test_a_not_found_asked_while_the_thread_ran_is_no_proof(journal):
     config = fast(slow_bank={"timeout_s": 0.05, "settle_s": 0})
     async with failover.Router([slow, backup], journal, config, clock=FakeClock()) as router:
         await router.repay(repayment())
-
-        async def settled() -> bool:
-            result = await router.get(repayment().key)
-            return result is not None and result.status is not RepaymentStatus.PENDING
-
-        await eventually(settled)
+        await eventually(lambda: ended(router))
 
     assert ["slow_bank:loan-42/instalment-7"] == collections(backup)
 
@@ -563,12 +559,7 @@ async def test_no_resubmit_while_our_own_submit_still_runs(journal):
     async with failover.Router([bank, backup], journal, config, clock=FakeClock()) as router:
         first = await router.repay(repayment())
         bank.release.set()
-
-        async def settled() -> bool:
-            result = await router.get(repayment().key)
-            return result is not None and result.status is not RepaymentStatus.PENDING
-
-        await eventually(settled)
+        await eventually(lambda: ended(router))
 
     assert (RepaymentStatus.PENDING, 1) == (first.status, bank.calls)
     assert ["dedup_bank:loan-42/instalment-7"] == collections(backup)
