@@ -11,6 +11,7 @@ from failover._errors import (
     FailoverError,
     IdempotencyConflict,
     JournalError,
+    OwnershipLost,
     ReentrantCallError,
     RouterClosedError,
     SchemaVersionError,
@@ -43,9 +44,11 @@ from failover.journal import (
     Journal,
     JournalStats,
     MemoryJournal,
+    PostgresJournal,
     Record,
     Resolution,
     SQLiteJournal,
+    open_journal,
 )
 
 __version__ = "0.1.0"
@@ -73,8 +76,10 @@ __all__ = [
     "MaintenanceWindow",
     "MemoryJournal",
     "Outcome",
+    "OwnershipLost",
     "PendingReason",
     "Permit",
+    "PostgresJournal",
     "Record",
     "ReentrantCallError",
     "Repayment",
@@ -92,4 +97,5 @@ __all__ = [
     "TerminalStateError",
     "UnknownRepayment",
     "make_reference",
+    "open_journal",
 ]

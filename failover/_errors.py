@@ -9,7 +9,8 @@
      ├── ConfigError              bad configuration, unknown channel name
      ├── JournalError             the journal cannot be used
      │    ├── SchemaVersionError  the journal was written by a newer version
-     │    └── TerminalStateError  an attempt to change a finished repayment
+     │    ├── TerminalStateError  an attempt to change a finished repayment
+     │    └── OwnershipLost       another instance took the repayment over (shared journals)
      ├── RouterClosedError        the router is not open
      └── ReentrantCallError       a BlockingRouter called from its own event loop
 
@@ -88,6 +89,17 @@ class TerminalStateError(JournalError):
         self.key = key
         self.status = status
         super().__init__(f"repayment {key!r} is already {status} and cannot change")
+
+
+class OwnershipLost(JournalError):
+    """A write for a repayment was refused because another instance now owns it (its
+    lease expired and was taken over, with a newer fencing token).  The instance that
+    gets this stops touching the repayment; the router turns it into the new owner's
+    result, so callers see it only from the journal API."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        super().__init__(f"repayment {key!r} is now owned by another instance")
 
 
 class RouterClosedError(FailoverError):

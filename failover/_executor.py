@@ -19,7 +19,12 @@ from typing import Any, cast
 from failover._channel import Call as AdapterCall
 from failover._channels import Lane, Layout
 from failover._clock import Clock
-from failover._errors import IdempotencyConflict, RouterClosedError, UnknownRepayment
+from failover._errors import (
+    IdempotencyConflict,
+    OwnershipLost,
+    RouterClosedError,
+    UnknownRepayment,
+)
 from failover._flow import (
     Admit,
     Answer,
@@ -54,6 +59,7 @@ from failover.events import (
     AttemptStarted,
     Event,
     Hook,
+    OwnershipLostEvent,
     RepaymentFailed,
     RepaymentPending,
     RepaymentSucceeded,
@@ -141,6 +147,9 @@ class Executor:
         self._sent_by: dict[str, float] = {}
         """Reference -> monotonic time its last submit by this router ended (bounded)."""
         self.late_writes: set[asyncio.Task[None]] = set()
+        self._outliving: dict[str, int] = {}
+        """Key -> its plain-``def`` submits still running past their timeout: while any
+        runs, a shared journal's lease on the key is kept (renewed), never released."""
         self._handlers: dict[type, Callable[[Any, _Drive], Awaitable[Answer]]] = {
             Call: self._on_call, Finish: self._on_finish, Record: self._on_record,
             Query: self._on_query, Admit: self._on_admit, Begin: self._on_begin,
@@ -157,6 +166,7 @@ class Executor:
         # for (their futures belong to that opening's loop, which may be gone).
         self._sent_by.clear()
         self.threads.clear()
+        self._outliving.clear()
         self.closing = self.closed = False
 
     def _emit(self, event: Event) -> None:
@@ -210,24 +220,43 @@ class Executor:
                     intent.conflict = conflict  # that caller's error; the stored one goes on
                 if record.status is not RepaymentStatus.PENDING:
                     return record.result()
-                drive.record = record
-                return await self._run(drive)
+                # Another caller's repayment, here or on another instance: drive it once
+                # this instance owns it, else wait for its owner's result.
+                return await self._own(record.key, layout, join=True)
             drive.record = record
             return await self._run(drive, opening=None if opening is None else (opening, 1))
         finally:
             self._release(drive)
 
     async def drive(self, record: JournalRecord | None, layout: Layout,
-                    key: str | None = None) -> RepaymentResult:
-        """Resume a repayment from its journaled state (recovery, reconcile, retry)."""
-        if record is None:
-            assert key is not None
-            record = await self._journal.load(key)
-            if record is None:
-                raise UnknownRepayment(key)
-        if record.status is not RepaymentStatus.PENDING:
+                    key: str | None = None, *, join: bool = False) -> RepaymentResult:
+        """Resume a repayment from its journaled state (recovery, reconcile, retry).
+
+        On a shared journal it is driven only once this instance owns it; while another
+        instance does, ``join`` waits for that owner's result, else the stored state is
+        returned as it stands."""
+        if record is not None and record.status is not RepaymentStatus.PENDING:
             return record.result()
-        return await self._run(_Drive(layout, record))
+        key = record.key if record is not None else key
+        assert key is not None
+        return await self._own(key, layout, join=join)
+
+    async def _own(self, key: str, layout: Layout, *, join: bool) -> RepaymentResult:
+        while True:
+            self._gate(key)
+            record = await self._journal.acquire(key)  # UnknownRepayment if not held at all
+            if record is not None:
+                if record.status is not RepaymentStatus.PENDING:
+                    return record.result()
+                return await self._run(_Drive(layout, record))
+            if not join:
+                stored = await self._journal.load(key)
+                if stored is None:
+                    raise UnknownRepayment(key)
+                return stored.result()
+            # Owned by another instance: its ending (or its lease running out) is told by
+            # a notification, or seen by polling.
+            await self._journal.changed(key, timeout_s=1.0)
 
     # ---- the loop ---------------------------------------------------------------
 
@@ -270,16 +299,29 @@ class Executor:
                    ) -> RepaymentResult:
         flow = repayment_flow(self._plan(drive, opening))
         perform = self._handlers
+        key = drive.record.key
         try:
             action = next(flow)
             while True:
                 action = flow.send(await perform[type(action)](action, drive))
         except StopIteration:
             pass
+        except OwnershipLost:
+            # Another instance took it over (this one's lease ran out): this flow stops
+            # here and never calls a channel for it again; the caller gets the new
+            # owner's result.
+            self._emit(OwnershipLostEvent(key))
+            flow.close()
+            self._release(drive)
+            return await self._own(key, drive.layout, join=True)
         finally:
             flow.close()
             self._release(drive)
         assert drive.result is not None
+        if drive.result.status is RepaymentStatus.PENDING and key not in self._outliving \
+                and not self.closing:
+            # Nothing of it in the air: free for whichever instance reconciles it next.
+            await self._journal.release(key)
         return drive.result
 
     @staticmethod
@@ -349,6 +391,8 @@ class Executor:
         key = drive.record.key
         permit = drive.permits.pop(action.channel)
         try:
+            # A shared journal: the lease must outlive the call (renewed first if short).
+            await self._journal.hold(key, lane.config.timeout_s)
             # The gate is checked with no await before the adapter starts: once close()
             # has begun, no call starts.
             self._gate(key)
@@ -426,6 +470,7 @@ class Executor:
             # Journaled after the timeout's answer, so the thread's own answer is the last word.
             lane = drive.layout.lanes[action.channel]
             reference = make_reference(record.key, record.round, action.channel)
+            self._outliving[record.key] = self._outliving.get(record.key, 0) + 1
             thread.add_done_callback(
                 lambda done: self._late(record.key, action.number, reference, lane, done))
         return Answer(self._clock.monotonic())
@@ -433,6 +478,9 @@ class Executor:
     def _late(self, key: str, number: int, reference: str, lane: Lane,
               thread: asyncio.Future[Any]) -> None:
         """A plain-``def`` submit answered after its timeout: journal its answer."""
+        left = self._outliving.pop(key, 1) - 1
+        if left:
+            self._outliving[key] = left
         error = thread.exception()
         result = answer_of(thread.result() if error is None else None, error=error,
                            codes=lane.config.codes)
@@ -441,7 +489,10 @@ class Executor:
             return  # closed: the attempt is left in doubt for the next open, as a crash leaves it
 
         async def write() -> None:
-            await self._journal.finish_attempt(key, number, result, self._clock.now())
+            try:
+                await self._journal.finish_attempt(key, number, result, self._clock.now())
+            except OwnershipLost:
+                return  # its new owner asks the channel itself
             self._on_late_answer(key)
 
         task = asyncio.get_running_loop().create_task(write(), name=f"failover-late:{key}")

@@ -5,16 +5,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import weakref
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from failover._clock import Clock
 from failover._errors import JournalError, RouterClosedError
 from failover._executor import Executor
-from failover._models import RepaymentResult
+from failover._models import PendingReason, RepaymentResult
 from failover._registry import Registry, drain
+from failover.events import (
+    Event,
+    JournalRecovered,
+    JournalUnavailable,
+    RepaymentTakenOver,
+)
 from failover.journal._base import Journal
+
+_log = logging.getLogger("failover")
 
 UNWIND_S = 1.0
 """Seconds on the router's clock that abandoned work gets to unwind once cancelled."""
@@ -23,12 +33,23 @@ _OWNERS: weakref.WeakValueDictionary[int, Lifecycle] = weakref.WeakValueDictiona
 """id(journal) -> the open router's lifecycle: one journal serves one open router."""
 
 
+@dataclass(frozen=True, slots=True)
+class Background:
+    """Settings of a router's background loop (see ``Router``)."""
+
+    sweep_every_s: float = 5.0
+    reconcile_every_s: float = 60.0
+    sweep_batch: int = 100
+    max_backoff_s: float = 30.0
+
+
 class Lifecycle:
     """Opens, recovers, runs background work and closes one router."""
 
     def __init__(
         self, journal: Journal, clock: Clock, executor: Executor, registry: Registry,
         resume: Callable[[str], Awaitable[RepaymentResult]], concurrency: int,
+        background: Background | None = None, emit: Callable[[Event], None] | None = None,
     ) -> None:
         self._journal = journal
         self._clock = clock
@@ -41,6 +62,9 @@ class Lifecycle:
         self._background: set[asyncio.Task[Any]] = set()
         self._closing: asyncio.Task[None] | None = None
         self._opening: asyncio.Task[None] | None = None
+        self._background_settings = background
+        self._loop_task: asyncio.Task[None] | None = None
+        self._emit = emit or (lambda event: None)
 
     def require_open(self) -> None:
         if not self.is_open:
@@ -83,6 +107,52 @@ class Lifecycle:
             self._recovery = asyncio.create_task(
                 drain(keys, self._resume, self._concurrency, keep=False),
                 name="failover:recovery")
+        if self._background_settings is not None:
+            self._loop_task = asyncio.create_task(
+                self._background_loop(self._background_settings), name="failover:background")
+
+    async def _background_loop(self, settings: Background) -> None:
+        """Take over repayments whose owner's lease expired (every ``sweep_every_s``) and
+        reconcile those waiting on a channel (every ``reconcile_every_s``), one instance
+        per repayment.  A journal that cannot be reached is retried with backoff."""
+        clock = self._clock
+        next_reconcile = clock.monotonic() + settings.reconcile_every_s
+        down_since: float | None = None
+        delay = settings.sweep_every_s
+        while self.is_open:
+            try:
+                taken = await self._journal.take_expired(settings.sweep_batch)
+                if taken:
+                    self._emit(RepaymentTakenOver(tuple(taken)))
+                    self._spawn(drain(taken, self._resume, self._concurrency, keep=False))
+                if clock.monotonic() >= next_reconcile:
+                    next_reconcile = clock.monotonic() + settings.reconcile_every_s
+                    waiting = [key for key in await self._journal.pending_keys(
+                        PendingReason.AWAITING_CHANNEL) if key not in self._registry]
+                    if waiting:
+                        self._spawn(drain(waiting, self._resume, self._concurrency,
+                                          keep=False))
+            except (JournalError, OSError) as exc:
+                if down_since is None:
+                    down_since = clock.monotonic()
+                    delay = settings.sweep_every_s
+                delay = min(delay * 2, settings.max_backoff_s)
+                self._emit(JournalUnavailable(str(exc), delay))
+                await clock.sleep(delay)
+                continue
+            except Exception:  # a bug must not stop the loop for good: logged, retried
+                _log.exception("the background loop failed; retrying")
+                await clock.sleep(settings.sweep_every_s)
+                continue
+            if down_since is not None:
+                self._emit(JournalRecovered(clock.monotonic() - down_since))
+                down_since = None
+            await clock.sleep(settings.sweep_every_s)
+
+    def _spawn(self, work: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def wait_recovered(self) -> None:
         if self._recovery is not None:
@@ -117,6 +187,7 @@ class Lifecycle:
                 return
             self.is_open = False
             self._executor.closing = True
+            self._stop_loop()
             self._closing = asyncio.get_running_loop().create_task(
                 self._shut_down(grace_s), name="failover:close")
         await asyncio.shield(self._closing)
@@ -155,10 +226,16 @@ class Lifecycle:
                 _OWNERS.pop(id(self._journal), None)
                 self._closing = None
 
+    def _stop_loop(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            self._loop_task = None
+
     def abandon(self) -> None:
         """Stop everything in flight without writing anything more: what a crash does."""
         self.is_open = False
         self._executor.closing = True
+        self._stop_loop()
         if self._recovery is not None:
             self._recovery.cancel()
         for task in [*self._background, *self._executor.late_writes]:

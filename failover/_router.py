@@ -21,12 +21,12 @@ from failover._errors import (
 )
 from failover._executor import Executor, Intent
 from failover._flow import make_reference
-from failover._lifecycle import Lifecycle
+from failover._lifecycle import Background, Lifecycle
 from failover._models import Outcome, Repayment, RepaymentResult, RepaymentStatus
 from failover._policy import Breaker, RetryBudget
 from failover._registry import Registry, drain
 from failover.config import RouterConfig
-from failover.events import Hook
+from failover.events import Hook, emit
 from failover.journal._base import Journal
 
 __all__ = ["Router", "make_reference"]
@@ -42,11 +42,24 @@ class Router:
         self, channels: Sequence[Channel], journal: Journal, config: RouterConfig | None = None,
         *, clock: Clock | None = None, hooks: Iterable[Hook] = (),
         recovery_concurrency: int = 16, query_attempts: int = 3, query_backoff_s: float = 0.05,
+        background: bool | None = None, sweep_every_s: float = 5.0,
+        reconcile_every_s: float = 60.0,
     ) -> None:
+        """``background`` runs a loop while the router is open that takes over
+        repayments whose owner's lease expired (every ``sweep_every_s``; a dead
+        instance's work resumes within the journal's ``lease_s`` plus that) and
+        reconciles repayments waiting on a channel (every ``reconcile_every_s``).  It is
+        on by default for a shared journal (``PostgresJournal``) and off otherwise; on
+        an SQLite journal it saves calling ``reconcile()`` by hand."""
         if recovery_concurrency < 1:
             raise ValueError(f"recovery_concurrency must be at least 1, got {recovery_concurrency}")
         if query_attempts < 1:
             raise ValueError(f"query_attempts must be at least 1, got {query_attempts}")
+        if sweep_every_s <= 0 or reconcile_every_s <= 0:
+            raise ValueError("sweep_every_s and reconcile_every_s must be positive, got"
+                             f" {sweep_every_s} and {reconcile_every_s}")
+        if background is None:
+            background = bool(getattr(journal, "shared", False))
         config = config or RouterConfig()
         self._journal = journal
         self._clock: Clock = clock or SystemClock()
@@ -58,8 +71,11 @@ class Router:
                                   query_attempts=query_attempts, query_backoff_s=query_backoff_s,
                                   on_late_answer=lambda key: self._life.resume_later(key))
         self._recovery_concurrency = recovery_concurrency
-        self._life = Lifecycle(journal, self._clock, self._executor, self._registry,
-                               self._resume, recovery_concurrency)
+        self._life = Lifecycle(
+            journal, self._clock, self._executor, self._registry, self._resume,
+            recovery_concurrency,
+            Background(sweep_every_s, reconcile_every_s) if background else None,
+            lambda event: emit(hooks, event) if hooks else None)
 
     @classmethod
     def from_config(
@@ -216,7 +232,11 @@ class Router:
                     raise TerminalStateError(
                         key, f"failed (channel {collected[0].channel!r} reports it collected"
                         " since: it needs a correction, not a new round)")
-                record = await self._journal.new_round(key, self._clock.now())
+                try:
+                    record = await self._journal.new_round(key, self._clock.now())
+                except TerminalStateError:
+                    # Another instance started the new round first: join it.
+                    return await self._executor.drive(None, layout, key, join=True)
             return await self._executor.drive(record, layout)
 
         return await self._registry.join(self._registry.start(key, new_round))

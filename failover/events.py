@@ -134,6 +134,40 @@ class RepaymentPending(Event):
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class RepaymentTakenOver(Event):
+    """This instance took over repayments whose owner's lease expired (a shared journal);
+    each resumes by asking the channels about its attempts in doubt first."""
+
+    name: ClassVar[str] = "failover.repayment.taken_over"
+    keys: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class OwnershipLostEvent(Event):
+    """Another instance took this repayment over: this one stopped driving it."""
+
+    name: ClassVar[str] = "failover.repayment.ownership_lost"
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class JournalUnavailable(Event):
+    """The background loop could not reach the journal; it retries with backoff."""
+
+    name: ClassVar[str] = "failover.journal.unavailable"
+    error: str
+    retry_in_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class JournalRecovered(Event):
+    """The background loop reached the journal again after it was unavailable."""
+
+    name: ClassVar[str] = "failover.journal.recovered"
+    down_s: float
+
+
 Hook = Callable[[Event], None]
 
 _log = logging.getLogger("failover.events")

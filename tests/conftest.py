@@ -51,6 +51,31 @@ settings.register_profile(
 settings.load_profile(os.environ.get("FAILOVER_HYPOTHESIS_PROFILE", "standard"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _drop_postgres_schemas() -> Any:
+    """Every schema this run created on the test PostgreSQL server is dropped at the end."""
+    yield
+    from tests import pg
+
+    pg.drop_run_schemas()
+
+
+@pytest.fixture
+def postgres_dsn() -> str:
+    """The test server's DSN (skips, or fails in CI, without a server: see tests/pg.py)."""
+    from tests import pg
+
+    return pg.require()
+
+
+@pytest.fixture
+def pg_schema() -> str:
+    """A new schema name of this run (dropped when the run ends)."""
+    from tests import pg
+
+    return pg.new_schema()
+
+
 def repayment(key: str = "loan-42/instalment-7", amount: Any = "1250.00", **kw: Any
               ) -> failover.Repayment:
     fields: dict[str, Any] = {

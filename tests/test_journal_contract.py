@@ -19,6 +19,7 @@ from failover.journal import SCHEMA_VERSION
 from failover.journal._base import Journal, Resolution
 from failover.testing import FakeClock
 
+from . import pg
 from .conftest import repayment
 
 
@@ -40,10 +41,30 @@ def _sqlite_newer_schema(tmp_path: Path) -> None:
     conn.close()
 
 
+def _postgres(tmp_path: Path) -> Journal:
+    return failover.PostgresJournal(pg.require(), schema=pg.schema_for(str(tmp_path)),
+                                    migrate=True)
+
+
+def _postgres_newer_schema(tmp_path: Path) -> None:
+    import asyncpg
+
+    schema = pg.schema_for(str(tmp_path))
+
+    async def write() -> None:
+        await failover.PostgresJournal(pg.require(), schema=schema).migrate()
+        conn = await asyncpg.connect(pg.require())
+        await conn.execute(f"UPDATE {schema}.meta SET version = version + 1")
+        await conn.close()
+
+    pg.run(write())
+
+
 FACTORIES = [
     Factory("memory", lambda tmp_path: failover.MemoryJournal()),
     Factory("sqlite", lambda tmp_path: failover.SQLiteJournal(tmp_path / "journal.db"),
             durable=True, write_newer_schema=_sqlite_newer_schema),
+    Factory("postgres", _postgres, durable=True, write_newer_schema=_postgres_newer_schema),
 ]
 
 KEY = repayment().key

@@ -15,7 +15,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Protocol
 
-from failover._errors import IdempotencyConflict
+from failover._errors import IdempotencyConflict, UnknownRepayment
 from failover._models import (
     Attempt,
     ChannelResult,
@@ -141,7 +141,16 @@ def failovers_in(record: Record) -> list[Failover]:
 
 
 class Journal(Protocol):
-    """The durable store behind a router.  All methods are coroutines."""
+    """The durable store behind a router.  All methods are coroutines.
+
+    Ownership (``acquire``, ``release``, ``hold``, ``changed``, ``take_expired``) matters
+    for a journal several instances share (``shared``): each unfinished repayment has one
+    owner at a time, and every write of a repayment's state is the owner's.  A journal one
+    router owns whole (memory, SQLite) owns every repayment: see ``SingleOwner``.
+    """
+
+    shared: bool
+    """Whether several router instances share this journal (leases and fencing)."""
 
     async def open(self) -> None: ...
 
@@ -215,3 +224,53 @@ class Journal(Protocol):
     async def recent_failovers(self, limit: int = 10) -> list[Failover]:
         """The latest channel changes, newest first."""
         ...
+
+    async def acquire(self, key: str) -> Record | None:
+        """Own ``key`` to drive it and return its record; ``None`` while another instance
+        holds it.  A finished repayment is returned as it stands (nothing to own);
+        ``UnknownRepayment`` if the journal does not hold the key."""
+        ...
+
+    async def release(self, key: str) -> None:
+        """Give up ``key`` after a drive that left it pending with nothing in the air."""
+        ...
+
+    async def hold(self, key: str, seconds: float) -> None:
+        """Make sure this instance still owns ``key`` for at least ``seconds`` more
+        (checked locally, renewed only if short); ``OwnershipLost`` if it does not."""
+        ...
+
+    async def changed(self, key: str, timeout_s: float) -> None:
+        """Wait until ``key`` may have changed owner or state, or ``timeout_s``."""
+        ...
+
+    async def take_expired(self, limit: int) -> list[str]:
+        """Take over up to ``limit`` pending repayments whose owner's lease expired."""
+        ...
+
+
+class SingleOwner:
+    """Ownership for a journal one router owns whole: every repayment is its own."""
+
+    shared = False
+
+    async def load(self, key: str) -> Record | None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    async def acquire(self, key: str) -> Record | None:
+        record = await self.load(key)
+        if record is None:
+            raise UnknownRepayment(key)
+        return record
+
+    async def release(self, key: str) -> None:
+        return None
+
+    async def hold(self, key: str, seconds: float) -> None:
+        return None
+
+    async def changed(self, key: str, timeout_s: float) -> None:  # pragma: no cover
+        return None  # never waited on: acquire() always succeeds
+
+    async def take_expired(self, limit: int) -> list[str]:
+        return []

@@ -21,6 +21,7 @@ from failover.journal._base import (
     JournalStats,
     Record,
     Resolution,
+    SingleOwner,
     failovers_in,
     new_record,
 )
@@ -56,7 +57,7 @@ class _Row:
         self.snapshot = None
 
 
-class MemoryJournal:
+class MemoryJournal(SingleOwner):
     """Keeps records in a dict.  It outlives a router, so tests can "crash" a
     router (drop it unclosed) and open a new one on the same journal."""
 

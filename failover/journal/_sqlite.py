@@ -41,7 +41,14 @@ from failover._models import (
     Repayment,
     RepaymentStatus,
 )
-from failover.journal._base import Failover, JournalStats, Record, Resolution, new_record
+from failover.journal._base import (
+    Failover,
+    JournalStats,
+    Record,
+    Resolution,
+    SingleOwner,
+    new_record,
+)
 
 SCHEMA_VERSION = 1
 _MAX_BATCH = 1024
@@ -117,7 +124,7 @@ def _outcome(value: str | None) -> Outcome | None:
     return None if value is None else Outcome(value)
 
 
-class SQLiteJournal:
+class SQLiteJournal(SingleOwner):
     """A journal in one SQLite file (created if missing)."""
 
     def __init__(

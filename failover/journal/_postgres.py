@@ -1,0 +1,1089 @@
+"""The shared journal: PostgreSQL on asyncpg, for several service instances.
+
+Ownership.  Every unfinished repayment has one owner instance, a lease
+(``lease_until``, always computed by PostgreSQL's ``now()``, never an instance's
+clock) and a fencing token drawn from a sequence, so it grows with every change
+of owner.  Every write of a repayment's state is conditional on the writer's token
+(``WHERE key = $1 AND token = $2``): once another instance has taken a repayment
+over, the old owner's writes match no row and raise ``OwnershipLost``.  The token
+is kept inside this journal (``_held``), so no caller can forget to pass it.
+
+Group commit.  Operations queue; one writer task runs everything that queued while
+the last transaction was committing in one transaction, one statement per operation
+(an intent and its first attempt, or an answer and the ending it causes, are one
+statement each).  A statement that raises aborts the batch, which is then run again
+one operation per transaction, so a faulty operation fails alone.
+
+Faults.  A connection that drops after a batch was sent leaves each operation's
+fate unknown.  Nothing is answered for it until the writer has reconnected and read
+back what the database holds (``_Op.settle``: for each operation, either its effect
+is found, or it is applied again under its token).  If the database cannot be
+reached for ``fate_timeout_s``, the operation fails with ``JournalError`` and the
+repayment's lease is left to expire: whoever takes it over asks the channels first.
+While the database is unreachable, new operations fail at once with ``JournalError``.
+
+The window no lease closes: an owner checks (``hold``, locally) that its lease
+outlives a channel call before making it; a process paused between that check and
+the call (a stop signal, a long GC or VM pause) can send the call after its lease
+expired and another instance took over.  The late-collection sweep catches what that
+window lets through: attempts settled by ``NOT_FOUND`` are asked about again later,
+and a second collection is reversed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import os
+import random
+import re
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from failover._errors import (
+    JournalError,
+    OwnershipLost,
+    SchemaVersionError,
+    TerminalStateError,
+    UnknownRepayment,
+)
+from failover._models import (
+    SETTLING_SUBMIT_OUTCOMES,
+    Attempt,
+    ChannelResult,
+    Outcome,
+    PendingReason,
+    Repayment,
+    RepaymentStatus,
+)
+from failover.journal._base import Failover, JournalStats, Record, Resolution, new_record
+
+if TYPE_CHECKING:
+    import asyncpg
+
+SCHEMA_VERSION = 1
+_MAX_BATCH = 256
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,47}$")
+T = TypeVar("T")
+_log = logging.getLogger("failover.journal")
+
+# One list of migrations, each run once, in order, under an advisory lock.  ``{s}`` is
+# the schema name (checked against _SCHEMA_NAME before it is ever put in SQL).
+_MIGRATIONS: list[tuple[int, str]] = [
+    (1, """
+CREATE TABLE {s}.repayments (
+    key TEXT PRIMARY KEY,
+    account TEXT NOT NULL,
+    amount NUMERIC NOT NULL,
+    currency TEXT NOT NULL,
+    due_at TIMESTAMPTZ,
+    metadata TEXT NOT NULL,
+    preference TEXT[],
+    status TEXT NOT NULL CHECK (status IN ('pending', 'succeeded', 'failed')),
+    round INTEGER NOT NULL,
+    channel TEXT,
+    channel_reference TEXT,
+    code TEXT,
+    pending_reason TEXT,
+    pending_channel TEXT,
+    created_at TIMESTAMPTZ NOT NULL,
+    updated_at TIMESTAMPTZ NOT NULL,
+    owner TEXT,
+    token BIGINT NOT NULL,
+    lease_until TIMESTAMPTZ
+);
+CREATE SEQUENCE {s}.tokens;
+-- The sweep: pending repayments by lease expiry (NULL: released, not swept).
+CREATE INDEX repayments_lease ON {s}.repayments (lease_until) WHERE status = 'pending';
+-- pending_keys() and the oldest pending repayment.
+CREATE INDEX repayments_pending ON {s}.repayments (created_at) WHERE status = 'pending';
+-- Counts by status (an index-only scan) and listings by status and time.
+CREATE INDEX repayments_status ON {s}.repayments (status, updated_at);
+CREATE TABLE {s}.attempts (
+    key TEXT NOT NULL REFERENCES {s}.repayments (key),
+    number INTEGER NOT NULL,
+    round INTEGER NOT NULL,
+    channel TEXT NOT NULL,
+    reference TEXT NOT NULL,
+    outcome TEXT,
+    code TEXT,
+    detail TEXT,
+    resolution TEXT,
+    channel_reference TEXT,
+    started_at TIMESTAMPTZ NOT NULL,
+    finished_at TIMESTAMPTZ,
+    PRIMARY KEY (key, number)
+);
+CREATE INDEX attempts_started ON {s}.attempts (started_at);
+-- The journal itself refuses to change a finished repayment, whatever the code does,
+-- and tells listeners when a repayment ends or changes owner.
+CREATE FUNCTION {s}.guard() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF OLD.status = 'succeeded' THEN
+        RAISE EXCEPTION 'terminal: succeeded' USING ERRCODE = 'check_violation';
+    END IF;
+    IF OLD.status = 'failed' AND NEW.round = OLD.round THEN
+        RAISE EXCEPTION 'terminal: failed' USING ERRCODE = 'check_violation';
+    END IF;
+    IF NEW.status <> OLD.status OR NEW.owner IS DISTINCT FROM OLD.owner THEN
+        PERFORM pg_notify('failover_' || TG_TABLE_SCHEMA, NEW.key);
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER guard BEFORE UPDATE ON {s}.repayments
+FOR EACH ROW EXECUTE FUNCTION {s}.guard();
+"""),
+]
+
+_SETTLING = ", ".join(f"'{outcome.value}'" for outcome in sorted(SETTLING_SUBMIT_OUTCOMES))
+_IN_DOUBT = f"resolution IS NULL AND (outcome IS NULL OR outcome NOT IN ({_SETTLING}))"
+_RECORD_COLUMNS = (
+    "key, account, amount, currency, due_at, metadata, preference, status, round, channel,"
+    " channel_reference, code, pending_reason, pending_channel, created_at, updated_at,"
+    " owner, token"
+)
+_ATTEMPT_COLUMNS = (
+    "channel, reference, outcome, code, started_at, finished_at, detail, resolution, round,"
+    " channel_reference"
+)
+
+
+def mask_dsn(dsn: str) -> str:
+    """``dsn`` with its password replaced by ``***`` (for messages and logs)."""
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    netloc = f"{parts.username or ''}:***@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def is_dsn(target: object) -> bool:
+    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
+
+
+_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionError)
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    import asyncpg
+
+    return (*_CONNECTION_ERRORS, asyncpg.exceptions.ConnectionDoesNotExistError,
+            asyncpg.exceptions.InterfaceError, asyncpg.exceptions.PostgresConnectionError,
+            asyncpg.exceptions.AdminShutdownError, asyncpg.exceptions.CannotConnectNowError,
+            asyncpg.exceptions.CrashShutdownError)
+
+
+@dataclass(slots=True)
+class _Held:
+    token: int
+    expires: float
+    """Local monotonic time before which the lease certainly holds."""
+
+
+@dataclass(slots=True, eq=False)
+class _Op:
+    """One queued operation: ``apply`` in a batch; ``settle`` after an unknown fate
+    (reads back the effect, or applies again under the same fencing)."""
+
+    apply: Callable[[Any], Awaitable[Any]]
+    settle: Callable[[Any], Awaitable[Any]] | None
+    future: asyncio.Future[Any]
+    key: str | None = None
+
+
+class PostgresJournal:
+    """A journal in a PostgreSQL schema, shared by several router instances."""
+
+    shared = True
+
+    def __init__(
+        self, dsn: str, *, instance: str | None = None, lease_s: float = 30.0,
+        schema: str = "failover", migrate: bool = False, read_only: bool = False,
+        poll_s: float = 1.0, sweep_batch: int = 100, connect_timeout_s: float = 5.0,
+        fate_timeout_s: float | None = None,
+    ) -> None:
+        """``dsn`` is a ``postgresql://`` URL.  ``instance`` names this owner in the
+        table (default: host, pid and a random suffix: unique per journal object).
+        ``lease_s`` must exceed every channel's ``timeout_s`` plus a margin of a tenth
+        of it.  ``migrate`` applies the schema's migrations on open (else run
+        ``failover migrate DSN`` first).  ``poll_s`` bounds how long a second caller of
+        a key waits between looks when a notification is missed.  ``fate_timeout_s``
+        (default ``lease_s``) bounds how long a write whose connection dropped waits for
+        the database to come back before it fails with ``JournalError``."""
+        if not is_dsn(dsn):
+            raise ValueError(f"dsn must be a postgresql:// URL, got {mask_dsn(str(dsn))!r}")
+        if not _SCHEMA_NAME.match(schema):
+            raise ValueError(f"schema must be a lower-case SQL name, got {schema!r}")
+        if lease_s <= 0:
+            raise ValueError(f"lease_s must be positive, got {lease_s}")
+        self.dsn = dsn
+        self.path = mask_dsn(dsn)
+        """How this journal is named in messages (the DSN, password masked)."""
+        self.schema = schema
+        self.instance = instance or (
+            f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(24):06x}")
+        self.lease_s = float(lease_s)
+        self.margin_s = self.lease_s / 10
+        self.read_only = read_only
+        self.migrate_on_open = migrate
+        self.poll_s = poll_s
+        self.sweep_batch = sweep_batch
+        self.connect_timeout_s = connect_timeout_s
+        self.fate_timeout_s = self.lease_s if fate_timeout_s is None else fate_timeout_s
+        self._held: dict[str, _Held] = {}
+        self._queue: asyncio.Queue[_Op | None] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._renewer: asyncio.Task[None] | None = None
+        self._conn: asyncpg.Connection | None = None
+        self._listener: asyncpg.Connection | None = None
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._errors = _CONNECTION_ERRORS
+        self._down_since: float | None = None
+        self._settling = False
+        self.batches = 0
+        """Transactions committed; with ``operations``, shows how well writes were grouped."""
+        self.operations = 0
+        self._sql = _Statements(schema)
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    async def _connect(self) -> asyncpg.Connection:
+        import asyncpg
+
+        try:
+            return await asyncpg.connect(
+                self.dsn, timeout=self.connect_timeout_s,
+                server_settings={"application_name": f"failover:{self.instance}"[:63]},
+            )
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise JournalError(f"cannot connect to journal {self.path}: {exc}") from exc
+
+    async def migrate(self) -> tuple[int, int]:
+        """Apply the migrations this version knows; return (version before, after).
+        Several instances migrating at once take turns on an advisory lock."""
+        conn = await self._connect()
+        try:
+            await conn.execute("SELECT pg_advisory_lock(hashtext($1))",
+                               f"failover-migrate:{self.schema}")
+            try:
+                before = await self._version(conn)
+                if before > SCHEMA_VERSION:
+                    raise SchemaVersionError(f"{self.path} schema {self.schema}", before,
+                                             SCHEMA_VERSION)
+                for version, script in _MIGRATIONS:
+                    if version <= before:
+                        continue
+                    async with conn.transaction():
+                        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
+                        await conn.execute(
+                            f"CREATE TABLE IF NOT EXISTS {self.schema}.meta"
+                            " (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL)")
+                        await conn.execute(script.format(s=self.schema))
+                        await conn.execute(
+                            f"INSERT INTO {self.schema}.meta VALUES (1, $1) ON CONFLICT (id)"
+                            " DO UPDATE SET version = EXCLUDED.version", version)
+                return before, max(before, _MIGRATIONS[-1][0])
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock(hashtext($1))",
+                                   f"failover-migrate:{self.schema}")
+        except _connection_errors() as exc:
+            raise JournalError(f"journal {self.path}: migration interrupted: {exc}") from exc
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    async def _version(self, conn: asyncpg.Connection) -> int:
+        exists = await conn.fetchval("SELECT to_regclass($1)", f"{self.schema}.meta")
+        if exists is None:
+            return 0
+        version = await conn.fetchval(f"SELECT version FROM {self.schema}.meta WHERE id = 1")
+        return int(version or 0)
+
+    async def _check_version(self, conn: asyncpg.Connection) -> None:
+        version = await self._version(conn)
+        if version > SCHEMA_VERSION:
+            raise SchemaVersionError(f"{self.path} schema {self.schema}", version,
+                                     SCHEMA_VERSION)
+        if version < SCHEMA_VERSION:
+            state = "has no failover journal" if version == 0 else \
+                f"has journal schema version {version}, older than {SCHEMA_VERSION}"
+            raise JournalError(
+                f"{self.path} schema {self.schema!r} {state}: run 'failover migrate"
+                f" {self.path}' or open it with PostgresJournal(..., migrate=True)")
+
+    async def open(self) -> None:
+        if self._writer is not None:
+            return
+        self._errors = _connection_errors()
+        if self.migrate_on_open and not self.read_only:
+            await self.migrate()
+        conn = await self._connect()
+        try:
+            await self._check_version(conn)
+            listener = None
+            if not self.read_only:
+                listener = await self._connect()
+                await listener.add_listener(f"failover_{self.schema}", self._notified)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await conn.close()
+            raise
+        self._conn, self._listener = conn, listener
+        self._queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        self._writer = loop.create_task(self._write_loop(), name=f"failover-journal:{self.path}")
+        if not self.read_only:
+            self._renewer = loop.create_task(self._renew_loop(),
+                                             name=f"failover-leases:{self.path}")
+
+    async def close(self) -> None:
+        """Stop writing.  Leases are not given back: they expire within ``lease_s`` and
+        are taken over, as a crashed instance's are (anything may still be in the air)."""
+        if self._writer is None:
+            return
+        assert self._queue is not None
+        writer, self._writer = self._writer, None
+        self._queue.put_nowait(None)
+        if self._renewer is not None:
+            self._renewer.cancel()
+            self._renewer = None
+        # What is queued is written; a writer stuck on a dead server is not waited for.
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(asyncio.shield(writer), timeout=self.connect_timeout_s)
+        writer.cancel()
+        self._held.clear()
+        for conn in (self._conn, self._listener):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(conn.close(), timeout=self.connect_timeout_s)
+                if not conn.is_closed():
+                    conn.terminate()
+        self._conn = self._listener = None
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+        self._waiters.clear()
+
+    # ---- the writer ------------------------------------------------------------------
+
+    async def _submit(self, apply: Callable[[Any], Awaitable[T]],
+                      settle: Callable[[Any], Awaitable[T]] | None = None,
+                      key: str | None = None) -> T:
+        if self._writer is None or self._queue is None:
+            raise JournalError(f"journal {self.path} is not open")
+        if self._down_since is not None and self._settling:
+            # Unreachable, and the writer is busy reading back an unknown write: fail
+            # fast rather than queue behind it.
+            raise JournalError(f"journal {self.path}: the database is unreachable")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Op(apply, settle, future, key))
+        return await future
+
+    async def _write_loop(self) -> None:
+        assert self._queue is not None
+        queue = self._queue
+        stopping = False
+        while not stopping:
+            first = await queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < _MAX_BATCH and not queue.empty():
+                item = queue.get_nowait()
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            await self._run_batch(batch)
+
+    async def _connection(self) -> asyncpg.Connection:
+        if self._conn is not None and not self._conn.is_closed():
+            return self._conn
+        self._conn = None
+        try:
+            conn = await self._connect()
+        except JournalError:
+            if self._down_since is None:
+                self._down_since = time.monotonic()
+            raise
+        self._conn, self._down_since = conn, None
+        return conn
+
+    async def _run_batch(self, batch: list[_Op]) -> None:
+        try:
+            conn = await self._connection()
+        except JournalError as exc:
+            # Nothing was sent: each operation certainly did not happen.
+            for op in batch:
+                _fail(op.future, JournalError(f"journal {self.path}: the database is"
+                                              f" unreachable ({exc.__cause__ or exc})"))
+            return
+        results: list[tuple[_Op, Any, BaseException | None]] = []
+        try:
+            async with conn.transaction():
+                for op in batch:
+                    try:
+                        results.append((op, await op.apply(conn), None))
+                    except (JournalError, UnknownRepayment) as exc:
+                        results.append((op, None, exc))  # a refusal: the transaction goes on
+        except self._errors as exc:
+            self._drop(conn)
+            await self._settle_unknown(batch, exc)
+            return
+        except Exception as exc:
+            if len(batch) == 1:
+                _fail(batch[0].future, _translate(exc, self.path))
+                return
+            # One operation's statement failed and aborted the batch: each alone, so
+            # the faulty one fails by itself.
+            for op in batch:
+                await self._run_batch([op])
+            return
+        self.batches += 1
+        self.operations += len(batch)
+        for op, value, error in results:
+            if error is not None:
+                _fail(op.future, error)
+            elif not op.future.done():
+                op.future.set_result(value)
+
+    def _drop(self, conn: asyncpg.Connection) -> None:
+        if self._conn is conn:
+            self._conn = None
+        with contextlib.suppress(Exception):
+            conn.terminate()
+
+    async def _settle_unknown(self, batch: list[_Op], cause: BaseException) -> None:
+        """The connection dropped while the batch was sent: read back each operation's
+        fate before answering anything for it."""
+        _log.warning("journal %s: connection lost during a write (%s); reading back",
+                     self.path, cause)
+        deadline = time.monotonic() + self.fate_timeout_s
+        pending = list(batch)
+        self._settling = True
+        try:
+            await self._read_back(pending, deadline)
+        finally:
+            self._settling = False
+
+    async def _read_back(self, pending: list[_Op], deadline: float) -> None:
+        retryable: tuple[type[BaseException], ...] = (*self._errors, JournalError)
+        delay = 0.05
+        while pending:
+            op = pending[0]
+            try:
+                conn = await self._connection()
+                async with conn.transaction():
+                    value = await (op.settle or op.apply)(conn)
+            except retryable as exc:
+                if isinstance(exc, (OwnershipLost, TerminalStateError)):
+                    pending.pop(0)
+                    _fail(op.future, exc)
+                    continue
+                if self._conn is not None:
+                    self._drop(self._conn)
+                if time.monotonic() >= deadline:
+                    for left in pending:
+                        if left.key is not None:
+                            self._held.pop(left.key, None)  # its lease expires; taken over
+                        _fail(left.future, JournalError(
+                            f"journal {self.path}: the database did not come back within"
+                            f" {self.fate_timeout_s:g} s; a write's fate is unknown"))
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            except UnknownRepayment as exc:
+                pending.pop(0)
+                _fail(op.future, exc)
+                continue
+            except Exception as exc:
+                pending.pop(0)
+                _fail(op.future, _translate(exc, self.path))
+                continue
+            pending.pop(0)
+            if not op.future.done():
+                op.future.set_result(value)
+
+    # ---- leases ----------------------------------------------------------------------
+
+    def _take(self, key: str, token: int, sent: float) -> None:
+        self._held[key] = _Held(token, sent + self.lease_s)
+
+    def _token(self, key: str) -> int:
+        """This instance's token for ``key``; -1 (no row has it) if it does not own it,
+        so the write is refused and ``_refuse`` says why."""
+        held = self._held.get(key)
+        return -1 if held is None else held.token
+
+    def _extend(self, keys: Sequence[str], sent: float) -> None:
+        for key in keys:
+            held = self._held.get(key)
+            if held is not None:
+                held.expires = max(held.expires, sent + self.lease_s)
+
+    async def hold(self, key: str, seconds: float) -> None:
+        needed = seconds + self.margin_s
+        held = self._held.get(key)
+        if held is None:
+            raise OwnershipLost(key)
+        if held.expires - time.monotonic() >= needed:
+            return
+        if needed >= self.lease_s:
+            raise JournalError(
+                f"lease_s ({self.lease_s:g} s) must exceed the channel timeout plus a margin"
+                f" ({needed:g} s): a call could outlive its owner's lease")
+        await self._renew([key])
+        if key not in self._held:
+            raise OwnershipLost(key)
+
+    async def _renew(self, keys: Sequence[str]) -> None:
+        pairs = [(key, self._held[key].token) for key in keys if key in self._held]
+        if not pairs:
+            return
+        sent = time.monotonic()
+        sql = self._sql.renew
+
+        async def apply(conn: asyncpg.Connection) -> set[str]:
+            rows = await conn.fetch(sql, [k for k, _ in pairs], [t for _, t in pairs],
+                                    self.lease_s)
+            return {row[0] for row in rows}
+
+        kept = await self._submit(apply)
+        for key, token in pairs:
+            held = self._held.get(key)
+            if held is None or held.token != token:
+                continue
+            if key in kept:
+                held.expires = max(held.expires, sent + self.lease_s)
+            else:
+                del self._held[key]  # taken over, or ended: never touched again
+
+    async def _renew_loop(self) -> None:
+        """Renew every lease this instance holds, in one statement per round."""
+        while True:
+            await asyncio.sleep(self.lease_s / 4)
+            await self._listen()
+            due = [key for key, held in self._held.items()
+                   if held.expires - time.monotonic() < self.lease_s * 0.75]
+            if not due:
+                continue
+            try:
+                for start in range(0, len(due), 5000):
+                    await self._renew(due[start:start + 5000])
+            except JournalError as exc:
+                _log.warning("journal %s: lease renewal failed: %s", self.path, exc)
+
+    async def _listen(self) -> None:
+        """Listen again after the listening connection dropped (polling covers the gap)."""
+        if self._listener is not None and not self._listener.is_closed():
+            return
+        try:
+            listener = await self._connect()
+            await listener.add_listener(f"failover_{self.schema}", self._notified)
+        except Exception as exc:
+            _log.info("journal %s: cannot listen for notifications yet: %s", self.path, exc)
+            return
+        self._listener = listener
+
+    async def acquire(self, key: str) -> Record | None:
+        sent = time.monotonic()
+        held = self._held.get(key)
+        sql = self._sql
+
+        async def apply(conn: asyncpg.Connection) -> tuple[Record | None, int | None]:
+            if held is not None:
+                row = await conn.fetchrow(sql.touch, key, held.token, self.lease_s)
+                if row is not None:
+                    return await _load(conn, sql, key), held.token
+            token = await conn.fetchval(sql.acquire, key, self.instance, self.lease_s)
+            record = await _load(conn, sql, key)
+            if record is None:
+                raise UnknownRepayment(key)
+            return record, token
+
+        async def settle(conn: asyncpg.Connection) -> tuple[Record | None, int | None]:
+            record, token = await _load_owned(conn, sql, key, self.instance)
+            if record is None:
+                raise UnknownRepayment(key)
+            if token is not None:
+                return record, token
+            return await apply(conn)
+
+        record, token = await self._submit(apply, settle, key)
+        if token is not None and record is not None and \
+                record.status is RepaymentStatus.PENDING:
+            self._take(key, token, sent)
+            return record
+        self._held.pop(key, None)
+        if record is not None and record.status is not RepaymentStatus.PENDING:
+            return record
+        return None
+
+    async def release(self, key: str) -> None:
+        held = self._held.pop(key, None)
+        if held is None:
+            return
+        sql = self._sql.release
+        await self._submit(lambda conn: conn.execute(sql, key, held.token), key=key)
+
+    async def changed(self, key: str, timeout_s: float) -> None:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(key, []).append(waiter)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiter, timeout=min(timeout_s, self.poll_s))
+        finally:
+            waiters = self._waiters.get(key)
+            if waiters is not None:
+                with contextlib.suppress(ValueError):
+                    waiters.remove(waiter)
+                if not waiters:
+                    del self._waiters[key]
+
+    def _notified(self, conn: Any, pid: int, channel: str, key: str) -> None:
+        for waiter in self._waiters.pop(key, ()):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def take_expired(self, limit: int) -> list[str]:
+        sent = time.monotonic()
+        sql = self._sql.sweep
+        rows = await self._submit(
+            lambda conn: conn.fetch(sql, self.instance, self.lease_s, limit))
+        for key, token in rows:
+            self._take(key, token, sent)
+        return [row[0] for row in rows]
+
+    # ---- operations ------------------------------------------------------------------
+
+    async def create(
+        self, repayment: Repayment, preference: tuple[str, ...] | None, now: datetime,
+        first_attempt: tuple[str, str] | None = None,
+    ) -> tuple[Record, bool]:
+        record = new_record(repayment, preference, now)
+        if first_attempt is not None:
+            sent_attempt = Attempt(*first_attempt, None, None, now, None, round=1)
+            record = Record(
+                record.key, record.account, record.amount, record.currency, record.due_at,
+                record.metadata, record.preference, record.status, record.round,
+                record.created_at, record.updated_at, attempts=(sent_attempt,))
+        sql = self._sql
+        args = (
+            record.key, record.account, record.amount, record.currency, record.due_at,
+            json.dumps(record.metadata), None if preference is None else list(preference),
+            PendingReason.IN_FLIGHT.value, now, self.instance, self.lease_s,
+            None if first_attempt is None else first_attempt[0],
+            None if first_attempt is None else first_attempt[1],
+        )
+        sent = time.monotonic()
+
+        async def apply(conn: asyncpg.Connection) -> tuple[Record, int | None]:
+            token = await conn.fetchval(sql.create, *args)
+            if token is not None:
+                return record, token
+            existing = await _load(conn, sql, record.key)
+            assert existing is not None
+            return existing, None
+
+        async def settle(conn: asyncpg.Connection) -> tuple[Record, int | None]:
+            existing, token = await _load_owned(conn, sql, record.key, self.instance)
+            if existing is None:
+                return await apply(conn)
+            mine = token is not None and (first_attempt is None or (
+                existing.attempts[:1] and existing.attempts[0].reference == first_attempt[1]))
+            return existing, token if mine else None
+
+        stored, token = await self._submit(apply, settle, record.key)
+        if token is None:
+            return stored, False
+        self._take(record.key, token, sent)
+        return stored, True
+
+    async def load(self, key: str) -> Record | None:
+        sql = self._sql
+        return await self._submit(lambda conn: _load(conn, sql, key))
+
+    async def load_many(self, keys: Sequence[str]) -> dict[str, Record]:
+        sql = self._sql
+        found: dict[str, Record] = {}
+        for start in range(0, len(keys), 1000):
+            chunk = list(keys[start:start + 1000])
+            found.update(await self._submit(functools.partial(_load_many, sql=sql, keys=chunk)))
+        return found
+
+    async def begin_attempt(
+        self, key: str, round: int, channel: str, reference: str, now: datetime
+    ) -> int:
+        token = self._token(key)
+        sql = self._sql
+        sent = time.monotonic()
+
+        async def apply(conn: asyncpg.Connection) -> int:
+            number = await conn.fetchval(sql.begin, key, token, round, channel, reference,
+                                         now, self.lease_s)
+            if number is None:
+                await self._refuse(conn, key, token)
+            return int(number)
+
+        async def settle(conn: asyncpg.Connection) -> int:
+            number = await conn.fetchval(sql.find_attempt, key, round, reference, now)
+            return int(number) if number is not None else await apply(conn)
+
+        number = await self._submit(apply, settle, key)
+        self._extend((key,), sent)
+        return number
+
+    async def finish_attempt(
+        self, key: str, number: int, result: ChannelResult, now: datetime
+    ) -> None:
+        held = self._held.get(key)
+        sql = self._sql
+        args = (key, number, result.outcome.value, result.code, result.detail,
+                result.channel_reference, now)
+        if held is None:
+            # Not ours (any more): only an answer nobody has yet is written, never over
+            # one; the attempt's fact is true whoever owns the repayment now.
+            await self._submit(lambda conn: conn.execute(sql.finish_attempt_unowned, *args))
+            return
+
+        async def apply(conn: asyncpg.Connection) -> None:
+            done = await conn.fetchval(sql.finish_attempt, *args, held.token)
+            if done is None:
+                await self._refuse(conn, key, held.token, terminal_ok=True)
+
+        await self._submit(apply, key=key)
+
+    async def resolve_attempts(
+        self, key: str, round: int, reference: str, resolution: Outcome, now: datetime,
+        channel_reference: str | None = None,
+    ) -> None:
+        token = self._token(key)
+        sql = self._sql
+
+        async def apply(conn: asyncpg.Connection) -> None:
+            done = await conn.fetchval(sql.resolve, key, token, round, reference,
+                                       resolution.value, channel_reference)
+            if done is None:
+                await self._refuse(conn, key, token)
+
+        await self._submit(apply, key=key)
+
+    async def set_pending(
+        self, key: str, round: int, reason: PendingReason, channel: str | None,
+        code: str | None, now: datetime,
+    ) -> None:
+        token = self._token(key)
+        sql = self._sql.set_pending
+
+        async def apply(conn: asyncpg.Connection) -> None:
+            done = await conn.fetchval(sql, key, token, round, reason.value, channel, code,
+                                       now)
+            if done is None:
+                await self._refuse(conn, key, token)
+
+        await self._submit(apply, key=key)
+
+    async def finish(
+        self, key: str, round: int, status: RepaymentStatus, channel: str | None,
+        channel_reference: str | None, code: str | None, now: datetime,
+        *, attempt: tuple[int, ChannelResult] | None = None,
+        resolution: Resolution | None = None,
+    ) -> Record:
+        held = self._held.get(key)
+        token = -1 if held is None else held.token
+        sql = self._sql
+        answer = attempt[1] if attempt is not None else None
+        args = (
+            key, token, round, status.value, channel, channel_reference, code, now,
+            None if attempt is None else attempt[0],
+            None if answer is None else answer.outcome.value,
+            None if answer is None else answer.code,
+            None if answer is None else answer.detail,
+            None if answer is None else answer.channel_reference,
+            None if resolution is None else resolution.reference,
+            None if resolution is None else resolution.outcome.value,
+            None if resolution is None else resolution.channel_reference,
+        )
+
+        async def apply(conn: asyncpg.Connection) -> Record:
+            ended = await conn.fetchval(sql.finish, *args)
+            if ended is None:
+                await self._refuse(conn, key, token)
+            record = await _load(conn, sql, key)
+            assert record is not None
+            return record
+
+        async def settle(conn: asyncpg.Connection) -> Record:
+            record = await _load(conn, sql, key)
+            if record is not None and record.status is status and record.round == round \
+                    and record.channel_reference == channel_reference \
+                    and record.updated_at == now:
+                return record  # the lost commit had ended it
+            return await apply(conn)
+
+        try:
+            return await self._submit(apply, settle, key)
+        finally:
+            if self._held.get(key) is held:
+                self._held.pop(key, None)
+
+    async def new_round(self, key: str, now: datetime) -> Record:
+        sql = self._sql
+        sent = time.monotonic()
+
+        async def apply(conn: asyncpg.Connection) -> tuple[Record, int]:
+            row = await conn.fetchrow(
+                f"SELECT status, round FROM {self.schema}.repayments WHERE key = $1", key)
+            if row is None:
+                raise UnknownRepayment(key)
+            if row[0] != RepaymentStatus.FAILED.value:
+                raise TerminalStateError(key, row[0])
+            token = await conn.fetchval(sql.new_round, key, row[1], self.instance,
+                                        self.lease_s, now)
+            if token is None:
+                await self._refuse(conn, key, -1)
+            record = await _load(conn, sql, key)
+            assert record is not None
+            return record, int(token)
+
+        async def settle(conn: asyncpg.Connection) -> tuple[Record, int]:
+            record, token = await _load_owned(conn, sql, key, self.instance)
+            if record is not None and token is not None and record.updated_at == now:
+                return record, token
+            return await apply(conn)
+
+        record, token = await self._submit(apply, settle, key)
+        self._take(key, token, sent)
+        return record
+
+    async def pending_keys(self, reason: PendingReason | None = None) -> list[str]:
+        sql = (f"SELECT key FROM {self.schema}.repayments WHERE status = 'pending'"
+               " AND ($1::text IS NULL OR pending_reason = $1) ORDER BY created_at")
+        value = None if reason is None else reason.value
+        rows = await self._submit(lambda conn: conn.fetch(sql, value))
+        return [row[0] for row in rows]
+
+    async def stats(self) -> JournalStats:
+        schema = self.schema
+
+        async def op(conn: asyncpg.Connection) -> JournalStats:
+            by_status = dict.fromkeys(RepaymentStatus, 0)
+            for status, count in await conn.fetch(
+                    f"SELECT status, COUNT(*) FROM {schema}.repayments GROUP BY status"):
+                by_status[RepaymentStatus(status)] = count
+            oldest = await conn.fetchval(
+                f"SELECT MIN(created_at) FROM {schema}.repayments WHERE status = 'pending'")
+            return JournalStats(by_status, oldest)
+
+        return await self._submit(op)
+
+    async def recent_failovers(self, limit: int = 10) -> list[Failover]:
+        sql = (
+            "SELECT key, previous, channel, started_at FROM ("
+            " SELECT key, channel, started_at, LAG(channel) OVER"
+            " (PARTITION BY key, round ORDER BY number) AS previous"
+            f" FROM (SELECT * FROM {self.schema}.attempts ORDER BY started_at DESC"
+            "  LIMIT $1 * 20) recent) moves"
+            " WHERE previous IS NOT NULL AND previous <> channel"
+            " ORDER BY started_at DESC LIMIT $1")
+        rows = await self._submit(lambda conn: conn.fetch(sql, limit))
+        return [Failover(r[0], r[1], r[2], r[3]) for r in rows]
+
+    async def _refuse(self, conn: asyncpg.Connection, key: str, token: int,
+                      terminal_ok: bool = False) -> None:
+        """Raise why a fenced write for ``key`` matched no row."""
+        row = await conn.fetchrow(
+            f"SELECT status, token FROM {self.schema}.repayments WHERE key = $1", key)
+        if row is None:
+            raise UnknownRepayment(key)
+        if row[0] != RepaymentStatus.PENDING.value:
+            if terminal_ok:
+                return
+            self._held.pop(key, None)
+            raise TerminalStateError(key, row[0])
+        if row[1] == token:  # still ours: the write named another round
+            raise TerminalStateError(key, row[0])
+        self._held.pop(key, None)
+        raise OwnershipLost(key)
+
+
+def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
+def _translate(exc: BaseException, path: str) -> BaseException:
+    if isinstance(exc, (JournalError, UnknownRepayment)):
+        return exc
+    text = str(exc)
+    if text.startswith("terminal: "):
+        return JournalError(f"refused by the journal: {text}")
+    return JournalError(f"journal {path}: {type(exc).__name__}: {text}")
+
+
+class _Statements:
+    """The SQL of one schema, built once."""
+
+    def __init__(self, schema: str) -> None:
+        r, a = f"{schema}.repayments", f"{schema}.attempts"
+        lease = "now() + make_interval(secs => {})"
+        self.repayments, self.attempts = r, a
+        self.create = (
+            f"WITH new AS (INSERT INTO {r} (key, account, amount, currency, due_at, metadata,"
+            " preference, status, round, pending_reason, created_at, updated_at, owner,"
+            " token, lease_until)"
+            f" VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending', 1, $8, $9, $9, $10,"
+            f" nextval('{schema}.tokens'), {lease.format('$11')})"
+            " ON CONFLICT (key) DO NOTHING RETURNING key, token),"
+            f" first AS (INSERT INTO {a} (key, number, round, channel, reference, started_at)"
+            " SELECT key, 1, 1, $12, $13, $9 FROM new WHERE $12::text IS NOT NULL)"
+            " SELECT token FROM new")
+        self.touch = (f"UPDATE {r} SET lease_until = {lease.format('$3')}"
+                      " WHERE key = $1 AND token = $2 AND status = 'pending' RETURNING token")
+        self.acquire = (
+            f"UPDATE {r} SET owner = $2, token = nextval('{schema}.tokens'),"
+            f" lease_until = {lease.format('$3')}"
+            " WHERE key = $1 AND status = 'pending'"
+            " AND (lease_until IS NULL OR lease_until < now()) RETURNING token")
+        self.release = (f"UPDATE {r} SET owner = NULL, lease_until = NULL"
+                        " WHERE key = $1 AND token = $2 AND status = 'pending'")
+        self.renew = (
+            f"UPDATE {r} AS r SET lease_until = {lease.format('$3')}"
+            " FROM unnest($1::text[], $2::bigint[]) AS h(key, token)"
+            " WHERE r.key = h.key AND r.token = h.token AND r.status = 'pending'"
+            " RETURNING r.key")
+        self.sweep = (
+            f"WITH expired AS (SELECT key FROM {r} WHERE status = 'pending'"
+            " AND lease_until < now() ORDER BY lease_until LIMIT $3 FOR UPDATE SKIP LOCKED)"
+            f" UPDATE {r} AS r SET owner = $1, token = nextval('{schema}.tokens'),"
+            f" lease_until = {lease.format('$2')} FROM expired WHERE r.key = expired.key"
+            " RETURNING r.key, r.token")
+        # A fenced write: the owner's token, and the lease extended by the same statement.
+        fenced = (f"UPDATE {r} SET lease_until = {lease.format('{}')}"
+                  " WHERE key = $1 AND token = $2 AND status = 'pending'")
+        self.begin = (
+            f"WITH owner AS ({fenced.format('$7')} AND round = $3 RETURNING key)"
+            f" INSERT INTO {a} (key, number, round, channel, reference, started_at)"
+            f" SELECT key, (SELECT COALESCE(MAX(number), 0) + 1 FROM {a} WHERE key = $1),"
+            " $3, $4, $5, $6 FROM owner RETURNING number")
+        self.find_attempt = (f"SELECT number FROM {a} WHERE key = $1 AND round = $2"
+                             " AND reference = $3 AND started_at = $4")
+        self.finish_attempt = (
+            f"WITH owner AS (SELECT key FROM {r} WHERE key = $1 AND (token = $8"
+            " OR status <> 'pending'))"
+            f" UPDATE {a} SET outcome = $3, code = $4, detail = $5, channel_reference = $6,"
+            " finished_at = $7 FROM owner WHERE attempts.key = owner.key"
+            " AND attempts.number = $2 RETURNING 1")
+        self.finish_attempt_unowned = (
+            f"UPDATE {a} SET outcome = $3, code = $4, detail = $5, channel_reference = $6,"
+            " finished_at = $7 WHERE key = $1 AND number = $2"
+            " AND (outcome IS NULL OR outcome = 'unknown') AND resolution IS NULL")
+        self.resolve = (
+            f"WITH owner AS (SELECT key FROM {r} WHERE key = $1 AND token = $2"
+            " AND status = 'pending'),"
+            f" done AS (UPDATE {a} SET resolution = $5,"
+            " channel_reference = COALESCE($6, channel_reference),"
+            " code = CASE WHEN outcome IS NULL THEN 'interrupted' ELSE code END,"
+            " outcome = COALESCE(outcome, 'unknown') FROM owner"
+            f" WHERE attempts.key = owner.key AND round = $3 AND reference = $4 AND {_IN_DOUBT})"
+            " SELECT 1 FROM owner")
+        self.set_pending = (
+            f"UPDATE {r} SET pending_reason = $4, pending_channel = $5, code = $6,"
+            " updated_at = $7 WHERE key = $1 AND token = $2 AND status = 'pending'"
+            " AND round = $3 RETURNING 1")
+        # The answer is a fact about the attempt: written by its owner, or once the repayment
+        # has ended, even when the ending asked for here is refused.
+        self.finish = (
+            f"WITH owner AS (SELECT key FROM {r} WHERE key = $1 AND token = $2"
+            " AND status = 'pending' AND round = $3),"
+            f" fact AS (SELECT key FROM {r} WHERE key = $1 AND (token = $2"
+            " OR status <> 'pending')),"
+            f" answered AS (UPDATE {a} SET outcome = $10, code = $11, detail = $12,"
+            " channel_reference = COALESCE(CASE WHEN reference = $14 AND resolution IS NULL"
+            f" AND $10 NOT IN ({_SETTLING}) AND EXISTS (SELECT 1 FROM owner) THEN $16 END,"
+            " $13), finished_at = $8,"
+            " resolution = CASE WHEN reference = $14 AND resolution IS NULL"
+            f" AND $10 NOT IN ({_SETTLING}) AND EXISTS (SELECT 1 FROM owner) THEN $15"
+            " ELSE resolution END FROM fact"
+            " WHERE attempts.key = fact.key AND number = $9 RETURNING 1),"
+            f" resolved AS (UPDATE {a} SET resolution = $15,"
+            " channel_reference = COALESCE($16, channel_reference),"
+            " code = CASE WHEN outcome IS NULL THEN 'interrupted' ELSE code END,"
+            " outcome = COALESCE(outcome, 'unknown') FROM owner"
+            f" WHERE attempts.key = owner.key AND round = $3 AND reference = $14"
+            f" AND number IS DISTINCT FROM $9 AND {_IN_DOUBT} RETURNING 1)"
+            f" UPDATE {r} SET status = $4, channel = $5, channel_reference = $6, code = $7,"
+            " pending_reason = NULL, pending_channel = NULL, updated_at = $8, owner = NULL,"
+            " lease_until = NULL FROM owner WHERE repayments.key = owner.key RETURNING 1")
+        self.new_round = (
+            f"UPDATE {r} SET status = 'pending', round = round + 1, channel = NULL,"
+            " channel_reference = NULL, code = NULL, pending_reason = 'in_flight',"
+            f" pending_channel = NULL, updated_at = $5, owner = $3,"
+            f" token = nextval('{schema}.tokens'), lease_until = {lease.format('$4')}"
+            " WHERE key = $1 AND status = 'failed' AND round = $2 RETURNING token")
+        self.load = f"SELECT {_RECORD_COLUMNS} FROM {r} WHERE key = $1"
+        self.load_attempts = (f"SELECT {_ATTEMPT_COLUMNS} FROM {a} WHERE key = $1"
+                              " ORDER BY number")
+
+
+def _attempt(a: Sequence[Any]) -> Attempt:
+    return Attempt(
+        channel=a[0], reference=a[1], outcome=None if a[2] is None else Outcome(a[2]),
+        code=a[3], started_at=a[4], finished_at=a[5], detail=a[6],
+        resolution=None if a[7] is None else Outcome(a[7]), round=a[8],
+        channel_reference=a[9],
+    )
+
+
+def _record(row: Sequence[Any], attempts: tuple[Attempt, ...]) -> Record:
+    return Record(
+        key=row[0], account=row[1], amount=row[2], currency=row[3], due_at=row[4],
+        metadata=json.loads(row[5]),
+        preference=None if row[6] is None else tuple(row[6]),
+        status=RepaymentStatus(row[7]), round=row[8], channel=row[9], channel_reference=row[10],
+        code=row[11], pending_reason=None if row[12] is None else PendingReason(row[12]),
+        pending_channel=row[13], created_at=row[14], updated_at=row[15], attempts=attempts,
+    )
+
+
+async def _load(conn: asyncpg.Connection, sql: _Statements, key: str) -> Record | None:
+    return (await _load_owned(conn, sql, key, None))[0]
+
+
+async def _load_owned(conn: asyncpg.Connection, sql: _Statements, key: str,
+                      instance: str | None) -> tuple[Record | None, int | None]:
+    """The record, and its token if ``instance`` owns it."""
+    row = await conn.fetchrow(sql.load, key)
+    if row is None:
+        return None, None
+    attempts = tuple(_attempt(a) for a in await conn.fetch(sql.load_attempts, key))
+    token = row[17] if instance is not None and row[16] == instance else None
+    return _record(row, attempts), token
+
+
+async def _load_many(conn: asyncpg.Connection, *, sql: _Statements,
+                     keys: list[str]) -> dict[str, Record]:
+    attempts: dict[str, list[Attempt]] = {}
+    for a in await conn.fetch(
+            f"SELECT key, {_ATTEMPT_COLUMNS} FROM {sql.attempts} WHERE key = ANY($1::text[])"
+            " ORDER BY key, number", keys):
+        attempts.setdefault(a[0], []).append(_attempt(a[1:]))
+    return {
+        row[0]: _record(row, tuple(attempts.get(row[0], ())))
+        for row in await conn.fetch(
+            f"SELECT {_RECORD_COLUMNS} FROM {sql.repayments} WHERE key = ANY($1::text[])",
+            keys)
+    }
