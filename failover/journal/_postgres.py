@@ -217,7 +217,9 @@ class PostgresJournal:
         table (default: host, pid and a random suffix: unique per journal object).
         ``lease_s`` must exceed every channel's ``timeout_s`` plus a margin of a tenth
         of it.  ``migrate`` applies the schema's migrations on open (else run
-        ``failover migrate DSN`` first).  ``poll_s`` bounds how long a second caller of
+        ``failover migrate DSN`` first).  An instance restarted under the same name
+        takes its repayments back at once (with new tokens) instead of waiting for their
+        leases: names must be unique among the instances running at one time.  ``poll_s`` bounds how long a second caller of
         a key waits between looks when a notification is missed.  ``fate_timeout_s``
         (default ``lease_s``) bounds how long a write whose connection dropped waits for
         the database to come back before it fails with ``JournalError``."""
@@ -957,7 +959,7 @@ class _Statements:
             f"UPDATE {r} SET owner = $2, token = nextval('{schema}.tokens'),"
             f" lease_until = {lease.format('$3')}"
             " WHERE key = $1 AND status = 'pending'"
-            " AND (lease_until IS NULL OR lease_until < now()) RETURNING token")
+            " AND (lease_until IS NULL OR lease_until < now() OR owner = $2) RETURNING token")
         self.release = (f"UPDATE {r} SET owner = NULL, lease_until = NULL"
                         " WHERE key = $1 AND token = $2 AND status = 'pending'")
         self.renew = (
