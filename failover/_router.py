@@ -14,6 +14,7 @@ from failover._channels import ChannelSet
 from failover._clock import Clock, SystemClock
 from failover._eligibility import Eligibility
 from failover._errors import (
+    ConfigError,
     JournalError,
     RouterClosedError,
     TerminalStateError,
@@ -30,6 +31,20 @@ from failover.events import Hook, emit
 from failover.journal._base import Journal
 
 __all__ = ["Router", "make_reference"]
+
+def _check_lease(journal: Journal, config: RouterConfig) -> None:
+    """On a shared journal a call must end before its owner's lease can: every channel's
+    ``timeout_s`` plus the journal's margin must fit in ``lease_s``."""
+    lease_s = getattr(journal, "lease_s", None)
+    margin_s = getattr(journal, "margin_s", 0.0)
+    if lease_s is None:
+        return
+    for name, channel in config.channels.items():
+        if channel.timeout_s + margin_s >= lease_s:
+            raise ConfigError(
+                f"the journal's lease_s ({lease_s:g} s) must exceed channels.{name}.timeout_s"
+                f" ({channel.timeout_s:g} s) plus a margin of {margin_s:g} s")
+
 
 class Router:
     """Collects repayments through channels in priority order, failing over safely.
@@ -61,6 +76,7 @@ class Router:
         if background is None:
             background = bool(getattr(journal, "shared", False))
         config = config or RouterConfig()
+        _check_lease(journal, config)
         self._journal = journal
         self._clock: Clock = clock or SystemClock()
         hooks = tuple(hooks)
@@ -99,6 +115,7 @@ class Router:
 
         Repayments in flight finish under the configuration they started with;
         breakers keep their state."""
+        _check_lease(self._journal, config)
         self._channels.reconfigure(config)
         self._budget.reconfigure(config.retry_budget)
 

@@ -219,8 +219,9 @@ class PostgresJournal:
         of it.  ``migrate`` applies the schema's migrations on open (else run
         ``failover migrate DSN`` first).  An instance restarted under the same name
         takes its repayments back at once (with new tokens) instead of waiting for their
-        leases: names must be unique among the instances running at one time.  ``poll_s`` bounds how long a second caller of
-        a key waits between looks when a notification is missed.  ``fate_timeout_s``
+        leases: names must be unique among the instances running at one time.
+        ``poll_s`` bounds how long a second caller of a key waits between looks when a
+        notification is missed.  ``fate_timeout_s``
         (default ``lease_s``) bounds how long a write whose connection dropped waits for
         the database to come back before it fails with ``JournalError``."""
         if not is_dsn(dsn):
@@ -423,23 +424,47 @@ class PostgresJournal:
         self._conn, self._down_since = conn, None
         return conn
 
+    async def _begin(self) -> tuple[asyncpg.Connection, Any] | None:
+        """A connection with a transaction begun, or None if the database cannot be
+        reached.  Nothing of the batch has been sent yet, so a connection found dead
+        here (dropped while idle) is replaced once without any doubt about a write."""
+        for _ in range(2):
+            try:
+                conn = await self._connection()
+            except JournalError:
+                return None
+            transaction = conn.transaction()
+            try:
+                await transaction.start()
+            except self._errors:
+                self._drop(conn)
+                continue
+            return conn, transaction
+        return None
+
     async def _run_batch(self, batch: list[_Op]) -> None:
-        try:
-            conn = await self._connection()
-        except JournalError as exc:
+        begun = await self._begin()
+        if begun is None:
             # Nothing was sent: each operation certainly did not happen.
             for op in batch:
                 _fail(op.future, JournalError(f"journal {self.path}: the database is"
-                                              f" unreachable ({exc.__cause__ or exc})"))
+                                              " unreachable"))
             return
+        conn, transaction = begun
         results: list[tuple[_Op, Any, BaseException | None]] = []
         try:
-            async with conn.transaction():
+            try:
                 for op in batch:
                     try:
                         results.append((op, await op.apply(conn), None))
                     except (JournalError, UnknownRepayment) as exc:
                         results.append((op, None, exc))  # a refusal: the transaction goes on
+            except BaseException:
+                if not conn.is_closed():
+                    with contextlib.suppress(Exception):
+                        await transaction.rollback()
+                raise
+            await transaction.commit()
         except self._errors as exc:
             self._drop(conn)
             await self._settle_unknown(batch, exc)
