@@ -124,7 +124,9 @@ class Lifecycle:
                 taken = await self._journal.take_expired(settings.sweep_batch)
                 if taken:
                     self._emit(RepaymentTakenOver(tuple(taken)))
-                    self._spawn(drain(taken, self._resume, self._concurrency, keep=False))
+                    # All at once: most only wait out settle_s before their query is
+                    # proof, and must not queue behind each other (the batch is bounded).
+                    self._spawn(drain(taken, self._resume, len(taken), keep=False))
                 if clock.monotonic() >= next_reconcile:
                     next_reconcile = clock.monotonic() + settings.reconcile_every_s
                     waiting = [key for key in await self._journal.pending_keys(

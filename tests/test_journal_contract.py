@@ -370,12 +370,32 @@ async def test_finish_writes_the_attempt_answer_and_the_resolution(journal, cloc
     await _sent(journal, clock, reference="ref-1")
     number = await journal.begin_attempt(KEY, 1, "card", "ref-1", clock.now())
 
-    await journal.finish(KEY, 1, RepaymentStatus.SUCCEEDED, "card", "c-1", None, clock.now(),
-                         attempt=(number, ChannelResult.succeeded("c-1")),
-                         resolution=Resolution("ref-1", Outcome.SUCCEEDED, "c-1"))
+    final = await journal.finish(
+        KEY, 1, RepaymentStatus.SUCCEEDED, "card", "c-1", None, clock.now(),
+        attempt=(number, ChannelResult.succeeded("c-1")),
+        resolution=Resolution("ref-1", Outcome.SUCCEEDED, "c-1"))
 
     assert [(Outcome.UNKNOWN, "interrupted", Outcome.SUCCEEDED),
             (Outcome.SUCCEEDED, None, None)] == await _attempts(journal)
+    assert final == await journal.load(KEY)  # what finish() returns is what it wrote
+
+
+@pytest.mark.parametrize("answer", [ChannelResult.unknown("timeout"), ChannelResult.not_found(),
+                                    ChannelResult.declined("insufficient_funds")])
+async def test_finish_returns_the_record_as_written(journal, clock, answer):
+    """finish() returns the record and attempts exactly as load() then reads them, whatever
+    the answer and resolution written with it."""
+    await _sent(journal, clock, reference="ref-1")
+    await _sent(journal, clock, channel="wallet", reference="ref-2")
+    number = await journal.begin_attempt(KEY, 1, "card", "ref-1", clock.now())
+    clock.advance(1)
+
+    final = await journal.finish(
+        KEY, 1, RepaymentStatus.FAILED, None, None, "declined", clock.now(),
+        attempt=(number, answer), resolution=Resolution("ref-1", Outcome.NOT_FOUND))
+
+    assert final == await journal.load(KEY)
+    assert [a.reference for a in final.attempts] == ["ref-1", "ref-2", "ref-1"]
 
 
 async def test_finish_writes_the_attempt_answer_even_when_refused(journal, clock):
