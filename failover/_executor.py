@@ -136,6 +136,7 @@ class Executor:
         self._query_attempts = query_attempts
         self._query_backoff_s = query_backoff_s
         self._on_late_answer = on_late_answer
+        self._shared = bool(getattr(journal, "shared", False))
         self.closing = True
         """The gate: while set, no channel call starts (closed, or closing)."""
         self.closed = True
@@ -276,7 +277,8 @@ class Executor:
         """The attempts in doubt, each with the latest moment its request may have been
         sent, on the monotonic clock only (a wall clock can step): when this router's own
         call ended, or a thread of this process ended; for an attempt a stopped process
-        left, when this router opened; for any other, now."""
+        left, when this router opened (on a journal only this router writes); for any
+        other, now."""
         now = self._clock.monotonic()
         latest: dict[tuple[str, str], float] = {}
         for attempt in attempts:
@@ -285,7 +287,10 @@ class Executor:
             lane = layout.lanes.get(attempt.channel)
             ended = None if lane is None or lane.runner is None \
                 else lane.runner.ended_at(attempt.reference, self._clock)
-            before_open = self.opened_at if attempt.started_at < self.opened_wall else None
+            # Another instance's attempt (a shared journal) was stamped by its own wall
+            # clock, which may lag this one's: only "now" bounds when it was sent.
+            before_open = self.opened_at if not self._shared \
+                and attempt.started_at < self.opened_wall else None
             # The latest of every bound known: one for each way a request can have gone.
             bounds = [b for b in (self._sent_by.get(attempt.reference), ended, before_open)
                       if b is not None]

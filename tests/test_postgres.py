@@ -292,3 +292,71 @@ async def _expire_leases(dsn: str, schema: str) -> None:
                            " - interval '1 second' WHERE status = 'pending'")
     finally:
         await conn.close()
+
+
+async def test_another_instances_attempt_is_not_bounded_by_this_ones_opening(
+        postgres_dsn, pg_schema):
+    """A's wall clock lags B's, so A's attempt looks older than B's opening.  When B takes
+    the repayment over, the request A may have sent is bounded by the takeover, not by
+    B's opening: B waits settle_s before a NOT_FOUND proves anything, and so sees the
+    late-landing collection instead of failing over to a second channel."""
+    from datetime import timedelta
+
+    from failover.testing import FakeClock
+
+    ledger = Ledger()
+    clock_b = FakeClock()
+    clock_a = FakeClock(clock_b.now() - timedelta(hours=1))
+    land_at = [float("inf")]
+
+    class QueuedCard(LedgerChannel):
+        """A's submit waits in the provider's queue and lands at land_at (B's clock)."""
+
+        def __init__(self, name: str, ledger: Ledger) -> None:
+            super().__init__(name, ledger)
+            self.queued: list[tuple[str, str]] = []
+
+        async def submit(self, request: ChannelRequest) -> ChannelResult:
+            self.queued.append((request.repayment_key, request.reference))
+            self.entered.set()
+            await asyncio.Event().wait()  # the process dies during the call
+            raise AssertionError("unreachable")
+
+        async def query(self, request: ChannelRequest) -> ChannelResult:
+            if clock_b.monotonic() >= land_at[0]:
+                for key, reference in self.queued:
+                    if not self.ledger.find(self.name, reference):
+                        self.ledger.rows.append((key, self.name, reference))
+            return await super().query(request)
+
+    def router(name: str, clock: FakeClock, card: LedgerChannel) -> Any:
+        journal = failover.PostgresJournal(postgres_dsn, schema=pg_schema, instance=name,
+                                           lease_s=5.0, migrate=True)
+        built = failover.Router([card, LedgerChannel("wallet", ledger)], journal, CONFIG,
+                                clock=clock, background=False)
+        return built, journal
+
+    card = QueuedCard("card", ledger)
+    b, b_journal = router("b", clock_b, card)
+    a, a_journal = router("a", clock_a, card)
+    await b.open()
+    await a.open()
+    try:
+        clock_b.advance(10)  # B has been up a while
+        caller = asyncio.ensure_future(a.repay(repayment("loan-11")))
+        await card.entered.wait()
+        crash(a)
+        await a_journal.close()
+        with contextlib.suppress(BaseException):
+            await caller
+        await _expire_leases(postgres_dsn, pg_schema)
+        assert await b_journal.take_expired(10) == ["loan-11"]
+        land_at[0] = clock_b.monotonic() + 0.1  # it lands just after the takeover
+
+        result = await b._executor.drive(None, b._channels.layout, "loan-11")
+
+        assert len(ledger.collections("loan-11")) == 1, ledger.collections("loan-11")
+        assert result.status is RepaymentStatus.SUCCEEDED
+        assert result.channel == "card"
+    finally:
+        await b.close(grace_s=0)
