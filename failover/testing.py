@@ -325,6 +325,9 @@ class SimulatedChannel:
             fields = dict(profile)
             fields["outages"] = tuple(tuple(w) for w in fields.get("outages", ()))
             profile = FaultProfile(**fields)
+        elif profile is not None and not isinstance(profile, FaultProfile):
+            raise TypeError(f"profile of channel {name!r} must be a FaultProfile or a table"
+                            f" of its fields, got {profile!r}")
         self.profile = profile or FaultProfile()
         self.clock = clock or SystemClock()
         self._sleep = sleep or self.clock.sleep

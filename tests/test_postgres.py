@@ -360,3 +360,17 @@ async def test_another_instances_attempt_is_not_bounded_by_this_ones_opening(
         assert result.channel == "card"
     finally:
         await b.close(grace_s=0)
+
+
+def test_a_blocking_router_and_from_config_take_the_postgres_journal(
+        postgres_dsn, pg_schema, tmp_path):
+    """A sync service on PostgreSQL: BlockingRouter.from_config with PostgresJournal."""
+    config = tmp_path / "failover.toml"
+    config.write_text(
+        '[channels.card]\nadapter = "failover.testing:SimulatedChannel"\n'
+        'options = { seed = 1 }\n')
+    journal = failover.PostgresJournal(postgres_dsn, schema=pg_schema, migrate=True)
+    with failover.BlockingRouter.from_config(config, journal=journal) as router:
+        result = router.repay(repayment("loan-12"))
+        assert result.status is RepaymentStatus.SUCCEEDED
+        assert router.get("loan-12") == result
