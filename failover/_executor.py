@@ -250,13 +250,16 @@ class Executor:
                 if record.status is not RepaymentStatus.PENDING:
                     return record.result()
                 return await self._run(_Drive(layout, record))
-            if not join:
-                stored = await self._journal.load(key)
-                if stored is None:
-                    raise UnknownRepayment(key)
+            stored = await self._journal.load(key)
+            if stored is None:
+                raise UnknownRepayment(key)
+            if not join or stored.status is not RepaymentStatus.PENDING \
+                    or stored.pending_reason is PendingReason.AWAITING_CHANNEL:
+                # Its owner's drive has ended (pending on a channel, perhaps with a
+                # thread still running there): that is the result to give.
                 return stored.result()
-            # Owned by another instance: its ending (or its lease running out) is told by
-            # a notification, or seen by polling.
+            # Owned by another instance, in flight: its ending (or its lease running
+            # out) is told by a notification, or seen by polling.
             await self._journal.changed(key, timeout_s=1.0)
 
     # ---- the loop ---------------------------------------------------------------
@@ -319,6 +322,11 @@ class Executor:
             flow.close()
             self._release(drive)
             return await self._own(key, drive.layout, join=True)
+        except BaseException:
+            # Ended on an error (or stopped): the lease is no longer renewed, so another
+            # instance (or this one) resumes it once it runs out.  Nothing is written.
+            self._journal.let_lapse(key)
+            raise
         finally:
             flow.close()
             self._release(drive)
@@ -476,6 +484,7 @@ class Executor:
             lane = drive.layout.lanes[action.channel]
             reference = make_reference(record.key, record.round, action.channel)
             self._outliving[record.key] = self._outliving.get(record.key, 0) + 1
+            self._journal.pin(record.key)  # no other instance takes it over meanwhile
             thread.add_done_callback(
                 lambda done: self._late(record.key, action.number, reference, lane, done))
         return Answer(self._clock.monotonic())
@@ -486,6 +495,7 @@ class Executor:
         left = self._outliving.pop(key, 1) - 1
         if left:
             self._outliving[key] = left
+        self._journal.unpin(key)
         error = thread.exception()
         result = answer_of(thread.result() if error is None else None, error=error,
                            codes=lane.config.codes)

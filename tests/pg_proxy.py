@@ -21,6 +21,7 @@ class Proxy:
         self.dropped_commits = 0
         self._server: asyncio.Server | None = None
         self._links: set[asyncio.StreamWriter] = set()
+        self._muted: set[int] = set()
 
     async def start(self) -> Proxy:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -68,21 +69,26 @@ class Proxy:
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                     pair: tuple[asyncio.StreamWriter, ...], client: bool) -> None:
+        link = id(pair[0])
         try:
             while data := await reader.read(65536):
+                if not client and link in self._muted:
+                    continue  # the COMMIT's answer is lost on its way back
                 drop = client and self._commit_drop is not None and b"COMMIT" in data.upper()
                 if drop and not self._commit_drop:
                     self._commit_drop = None
                     self.dropped_commits += 1
                     self._abort(pair)  # never sent: the transaction did not commit
                     return
+                if drop:
+                    self._muted.add(link)  # from now on the server's answers go nowhere
                 writer.write(data)
                 await writer.drain()
                 if drop:
-                    # Sent: the server commits; give it the time to, then lose the answer.
+                    # Sent: the server commits; give it the time to, then cut the link.
                     self._commit_drop = None
                     self.dropped_commits += 1
-                    await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.1)
                     self._abort(pair)
                     return
         finally:

@@ -248,6 +248,18 @@ class Journal(Protocol):
         """Take over up to ``limit`` pending repayments whose owner's lease expired."""
         ...
 
+    def let_lapse(self, key: str) -> None:
+        """Stop holding ``key`` without writing (its drive ended on an error): its lease
+        runs out and the sweep of whichever instance comes first resumes it."""
+        ...
+
+    def pin(self, key: str) -> None:
+        """A plain-``def`` submit of ``key`` outlived its timeout and still runs here:
+        keep owning ``key`` (even past ``close()``) until ``unpin``."""
+        ...
+
+    def unpin(self, key: str) -> None: ...
+
 
 class SingleOwner:
     """Ownership for a journal one router owns whole: every repayment is its own."""
@@ -274,3 +286,12 @@ class SingleOwner:
 
     async def take_expired(self, limit: int) -> list[str]:
         return []
+
+    def let_lapse(self, key: str) -> None:
+        return None
+
+    def pin(self, key: str) -> None:
+        return None
+
+    def unpin(self, key: str) -> None:
+        return None

@@ -46,7 +46,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 from failover._errors import (
     JournalError,
@@ -157,15 +156,18 @@ _ATTEMPT_COLUMNS = (
 
 
 def mask_dsn(dsn: str) -> str:
-    """``dsn`` with its password replaced by ``***`` (for messages and logs)."""
-    parts = urlsplit(dsn)
-    if parts.password is None:
-        return dsn
-    host = parts.hostname or ""
-    if parts.port:
-        host += f":{parts.port}"
-    netloc = f"{parts.username or ''}:***@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    """The DSN with its password (in the user part or a ``password=`` parameter) shown
+    as ``***``.  Unlike a URL parser it keeps what it does not understand as it is: a
+    list of hosts (``h1:5432,h2:5432``), an IPv6 address, a password holding ``@``."""
+    scheme, _, rest = dsn.partition("://")
+    # The last "@" before the path ends the user part: a password may hold "@" or "/".
+    path_start = rest.find("/", rest.rfind("@") + 1)
+    netloc, tail = (rest, "") if path_start < 0 else (rest[:path_start], rest[path_start:])
+    userinfo, at, hosts = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:***@{hosts}"
+    tail = re.sub(r"(?i)([?&](?:ssl)?password=)[^&#]*", r"\1***", tail)
+    return f"{scheme}://{netloc}{tail}"
 
 
 def is_dsn(target: object) -> bool:
@@ -244,7 +246,11 @@ class PostgresJournal:
         self.sweep_batch = sweep_batch
         self.connect_timeout_s = connect_timeout_s
         self.fate_timeout_s = self.lease_s if fate_timeout_s is None else fate_timeout_s
+        self.command_timeout_s = max(2.0, self.lease_s / 4)
+        """A statement answered later than this is a connection fault (read back)."""
         self._held: dict[str, _Held] = {}
+        self._pinned: dict[str, int] = {}
+        self._keeper: asyncio.Task[None] | None = None
         self._queue: asyncio.Queue[_Op | None] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._renewer: asyncio.Task[None] | None = None
@@ -267,7 +273,19 @@ class PostgresJournal:
         try:
             return await asyncpg.connect(
                 self.dsn, timeout=self.connect_timeout_s,
-                server_settings={"application_name": f"failover:{self.instance}"[:63]},
+                # A statement that does not answer (a half-open connection, a stuck
+                # server) ends as a connection fault: the write's fate is read back.
+                command_timeout=self.command_timeout_s,
+                server_settings={
+                    "application_name": f"failover:{self.instance}"[:63],
+                    # A session that dies inside a transaction must not hold row locks
+                    # that other instances wait on; a lock wait fails one operation.
+                    "idle_in_transaction_session_timeout": str(
+                        int(self.command_timeout_s * 2000)),
+                    "lock_timeout": str(int(self.command_timeout_s * 1000)),
+                    "tcp_keepalives_idle": "5", "tcp_keepalives_interval": "2",
+                    "tcp_keepalives_count": "3",
+                },
             )
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise JournalError(f"cannot connect to journal {self.path}: {exc}") from exc
@@ -321,9 +339,10 @@ class PostgresJournal:
         if version < SCHEMA_VERSION:
             state = "has no failover journal" if version == 0 else \
                 f"has journal schema version {version}, older than {SCHEMA_VERSION}"
+            option = "" if self.schema == "failover" else f" --schema {self.schema}"
             raise JournalError(
                 f"{self.path} schema {self.schema!r} {state}: run 'failover migrate"
-                f" {self.path}' or open it with PostgresJournal(..., migrate=True)")
+                f" {self.path}{option}' or open it with PostgresJournal(..., migrate=True)")
 
     async def open(self) -> None:
         if self._writer is not None:
@@ -365,6 +384,10 @@ class PostgresJournal:
         with contextlib.suppress(BaseException):
             await asyncio.wait_for(asyncio.shield(writer), timeout=self.connect_timeout_s)
         writer.cancel()
+        pinned = {key: self._held[key].token for key in self._pinned if key in self._held}
+        if pinned:
+            self._keeper = asyncio.get_running_loop().create_task(
+                self._keep(pinned), name=f"failover-keeper:{self.path}")
         self._held.clear()
         for conn in (self._conn, self._listener):
             if conn is not None:
@@ -378,6 +401,29 @@ class PostgresJournal:
                 if not waiter.done():
                     waiter.set_result(None)
         self._waiters.clear()
+
+    async def _keep(self, pinned: dict[str, int]) -> None:
+        """After ``close()``: renew the leases of pinned keys (their threads still run)
+        on a connection of its own, until every one is unpinned."""
+        conn: asyncpg.Connection | None = None
+        retryable: tuple[type[BaseException], ...] = (JournalError, *self._errors)
+        try:
+            while any(key in self._pinned for key in pinned):
+                keys = [key for key in pinned if key in self._pinned]
+                try:
+                    if conn is None or conn.is_closed():
+                        conn = await self._connect()
+                    await conn.execute(self._sql.renew, keys, [pinned[k] for k in keys],
+                                       self.lease_s)
+                except retryable as exc:
+                    _log.warning("journal %s: cannot renew the leases of running threads:"
+                                 " %s", self.path, exc)
+                    conn = None
+                await asyncio.sleep(self.lease_s / 4)
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
 
     # ---- the writer ------------------------------------------------------------------
 
@@ -546,6 +592,28 @@ class PostgresJournal:
 
     # ---- leases ----------------------------------------------------------------------
 
+    def _drop_held(self, key: str, token: int) -> None:
+        held = self._held.get(key)
+        if held is not None and held.token == token:
+            del self._held[key]
+
+    def pin(self, key: str) -> None:
+        """Keep ``key``'s lease renewed, even past ``close()``, until ``unpin``: a
+        plain-``def`` submit of it is still running in this process, and no other
+        instance may take the repayment over while it can still collect."""
+        self._pinned[key] = self._pinned.get(key, 0) + 1
+
+    def unpin(self, key: str) -> None:
+        left = self._pinned.pop(key, 1) - 1
+        if left > 0:
+            self._pinned[key] = left
+
+    def let_lapse(self, key: str) -> None:
+        """Stop renewing ``key`` without writing (its drive ended on an error): the
+        lease runs out and whichever instance sweeps it first resumes it."""
+        if key not in self._pinned:
+            self._held.pop(key, None)
+
     def _take(self, key: str, token: int, sent: float) -> None:
         self._held[key] = _Held(token, sent + self.lease_s)
 
@@ -687,9 +755,18 @@ class PostgresJournal:
 
     async def take_expired(self, limit: int) -> list[str]:
         sent = time.monotonic()
-        sql = self._sql.sweep
+        sql = self._sql
+        held = set(self._held)
+
+        async def settle(conn: asyncpg.Connection) -> list[Any]:
+            # A sweep whose commit answer was lost took rows this instance now owns.
+            owned = [row for row in await conn.fetch(sql.owned, self.instance)
+                     if row[0] not in held]
+            return owned or list(await conn.fetch(sql.sweep, self.instance, self.lease_s,
+                                                  limit))
+
         rows = await self._submit(
-            lambda conn: conn.fetch(sql, self.instance, self.lease_s, limit))
+            lambda conn: conn.fetch(sql.sweep, self.instance, self.lease_s, limit), settle)
         for key, token in rows:
             self._take(key, token, sent)
         return [row[0] for row in rows]
@@ -729,8 +806,12 @@ class PostgresJournal:
             existing, token = await _load_owned(conn, sql, record.key, self.instance)
             if existing is None:
                 return await apply(conn)
-            mine = token is not None and (first_attempt is None or (
-                existing.attempts[:1] and existing.attempts[0].reference == first_attempt[1]))
+            # Ours only if this very write made it: an older repayment of the key that
+            # this instance still holds has the same owner and opening reference.
+            mine = token is not None and existing.created_at == now and (
+                first_attempt is None or (
+                    existing.attempts[:1] and existing.attempts[0].reference
+                    == first_attempt[1] and existing.attempts[0].started_at == now))
             return existing, token if mine else None
 
         stored, token = await self._submit(apply, settle, record.key)
@@ -879,8 +960,8 @@ class PostgresJournal:
                 raise TerminalStateError(key, row[0])
             token = await conn.fetchval(sql.new_round, key, row[1], self.instance,
                                         self.lease_s, now)
-            if token is None:
-                await self._refuse(conn, key, -1)
+            if token is None:  # another instance started the new round first
+                raise TerminalStateError(key, RepaymentStatus.PENDING.value)
             record = await _load(conn, sql, key)
             assert record is not None
             return record, int(token)
@@ -935,14 +1016,18 @@ class PostgresJournal:
             f"SELECT status, token FROM {self.schema}.repayments WHERE key = $1", key)
         if row is None:
             raise UnknownRepayment(key)
+        if token != -1 and row[1] != token:
+            # Taken over since (and perhaps finished by its new owner): this instance
+            # stops; its caller gets the new owner's result.
+            self._drop_held(key, token)
+            raise OwnershipLost(key)
         if row[0] != RepaymentStatus.PENDING.value:
             if terminal_ok:
                 return
-            self._held.pop(key, None)
+            self._drop_held(key, token)
             raise TerminalStateError(key, row[0])
-        if row[1] == token:  # still ours: the write named another round
+        if token != -1:  # still ours: the write named another round
             raise TerminalStateError(key, row[0])
-        self._held.pop(key, None)
         raise OwnershipLost(key)
 
 
@@ -997,6 +1082,8 @@ class _Statements:
             f" UPDATE {r} AS r SET owner = $1, token = nextval('{schema}.tokens'),"
             f" lease_until = {lease.format('$2')} FROM expired WHERE r.key = expired.key"
             " RETURNING r.key, r.token")
+        self.owned = (f"SELECT key, token FROM {r} WHERE status = 'pending'"
+                      " AND lease_until > now() AND owner = $1")
         # A fenced write: the owner's token, and the lease extended by the same statement.
         fenced = (f"UPDATE {r} SET lease_until = {lease.format('{}')}"
                   " WHERE key = $1 AND token = $2 AND status = 'pending'")
