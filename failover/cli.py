@@ -4,18 +4,23 @@
     failover channels CONFIG [--at T] [--amount A --currency C]
                                                   the order the router would use, and why
                                                   each skipped channel is skipped
-    failover status --journal PATH                repayments by status, pending, failovers
-    failover inspect KEY --journal PATH           one repayment's attempts
-    failover reconcile CONFIG --journal PATH      resolve PENDING repayments now
-    failover demo                                 a simulated day, audited
+    failover status --journal JOURNAL             repayments by status, pending, failovers
+    failover inspect KEY --journal JOURNAL        one repayment's attempts
+    failover reconcile CONFIG --journal JOURNAL   resolve PENDING repayments now
+    failover migrate JOURNAL                      create or upgrade a journal's schema
+    failover demo [--journal JOURNAL]             a simulated day, audited
     failover bench [SCENARIO ...]                 strategies compared on simulated scenarios
 
-Every command takes ``--json`` for scripts.
+A JOURNAL is an SQLite file, or a PostgreSQL DSN (``postgresql://`` or ``postgres://``)
+whose tables live in ``--schema`` (default ``failover``).  ``status`` and ``inspect`` open
+it read-only; output names a DSN with its password masked.  Every command takes
+``--json`` for scripts.
 
 Exit codes: 0 success; 1 the command ran and found a problem (the demo's audit
 failed, repayments are still pending after reconcile, no such repayment, the
 failover strategy lost or duplicated money in a bench scenario);
-2 bad usage or bad input (invalid config file, missing journal, bad option).
+2 bad usage or bad input (invalid config file, missing journal, a journal that cannot be
+reached or opened, a schema newer than this version, bad option).
 Output into a reader that has gone (``| head``) ends with exit 1 and no traceback.
 ``failover --version`` prints the installed version.
 """
@@ -26,16 +31,20 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from failover._errors import ConfigError, FailoverError
+from failover.journal._postgres import mask_dsn
 
 OK, PROBLEM, BAD_INPUT = 0, 1, 2
+T = TypeVar("T")
 
 
 class _Abort(Exception):
@@ -211,18 +220,109 @@ def _channels(args: argparse.Namespace) -> int:
     return OK
 
 
+# ---- journals ---------------------------------------------------------------------------
+
+DEFAULT_SCHEMA = "failover"
+
+
+_mask_dsn = mask_dsn
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """The journal a command works on: an SQLite file, or a PostgreSQL DSN and schema."""
+
+    text: str
+    schema: str | None  # None for an SQLite file
+
+    @property
+    def is_dsn(self) -> bool:
+        return self.schema is not None
+
+    @property
+    def path(self) -> Path:
+        return Path(self.text)
+
+    @property
+    def label(self) -> str:
+        return _mask_dsn(self.text) if self.is_dsn else str(self.path)
+
+    @property
+    def described(self) -> str:
+        return f"{self.label} (schema {self.schema})" if self.is_dsn else self.label
+
+    def redact(self, message: str) -> str:
+        """``message`` without the DSN's password, should a driver or journal quote it."""
+        if not self.is_dsn:
+            return message
+        message = message.replace(self.text, self.label)
+        secrets = {m.group(1) for m in re.finditer(r"(?i)[?&](?:ssl)?password=([^&#]+)",
+                                                   self.text)}
+        userinfo = self.text.partition("://")[2].rpartition("@")[0]
+        if ":" in userinfo:
+            secrets.add(userinfo.partition(":")[2])
+        for secret in sorted(secrets - {""}, key=len, reverse=True):
+            message = message.replace(secret, "***")
+        return message
+
+    def data(self) -> dict[str, Any]:
+        """How JSON output names the journal."""
+        return {"journal": self.label, "schema": self.schema} if self.is_dsn \
+            else {"journal": self.label}
+
+
+def _target(text: str | None, schema: str | None) -> _Target | None:
+    from failover.journal import is_dsn
+
+    if text is None:
+        if schema is not None:
+            raise _Abort("--schema: only for a PostgreSQL journal (--journal postgresql://...)")
+        return None
+    if is_dsn(text):
+        return _Target(text, schema or DEFAULT_SCHEMA)
+    if schema is not None:
+        raise _Abort(f"--schema: only for a PostgreSQL journal; {text} is an SQLite file")
+    return _Target(text, None)
+
+
+def _journal_target(args: argparse.Namespace) -> _Target:
+    target = _target(args.journal, args.schema)
+    assert target is not None  # --journal is required by these commands
+    return target
+
+
+def _open_journal(target: _Target, *, read_only: bool = True, migrate: bool = False,
+                  must_exist: bool = True) -> Any:
+    """The journal, not yet opened.  A missing SQLite file is refused (nothing is created)
+    unless ``must_exist`` is false; a PostgreSQL schema is created only with ``migrate``."""
+    from failover.journal import open_journal
+
+    if not target.is_dsn:
+        if must_exist and not target.path.exists():
+            raise _Abort(f"--journal: no journal at {target.path}")
+        return open_journal(target.path, read_only=read_only)
+    try:
+        return open_journal(target.text, read_only=read_only, migrate=migrate,
+                            schema=target.schema or DEFAULT_SCHEMA)
+    except ValueError as exc:  # a schema name the journal refuses
+        raise _Abort(target.redact(str(exc))) from exc
+
+
+def _run(target: _Target | None, work: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run ``work()``.  A PostgreSQL journal's errors (it translates the driver's) become
+    one line without the DSN's password, should the driver have quoted it."""
+    try:
+        return asyncio.run(work())
+    except FailoverError as exc:
+        if target is None or not target.is_dsn:
+            raise
+        raise _Abort(target.redact(str(exc))) from exc
+
+
 # ---- status / inspect -------------------------------------------------------------------
 
-def _open_journal(path: Path, read_only: bool = True) -> Any:
-    from failover.journal import SQLiteJournal
-
-    if not path.exists():
-        raise _Abort(f"--journal: no journal at {path}")
-    return SQLiteJournal(path, read_only=read_only)
-
-
-async def _status_data(path: Path, limit: int) -> dict[str, Any]:
-    journal = _open_journal(path)
+async def _status_data(target: _Target, limit: int) -> dict[str, Any]:
+    journal = _open_journal(target)
     await journal.open()
     try:
         stats = await journal.stats()
@@ -237,7 +337,7 @@ async def _status_data(path: Path, limit: int) -> dict[str, Any]:
     finally:
         await journal.close()
     return {
-        "journal": str(path),
+        **target.data(),
         "by_status": {status.value: count for status, count in stats.by_status.items()},
         "oldest_pending": stats.oldest_pending.isoformat() if stats.oldest_pending else None,
         "pending": pending,
@@ -247,11 +347,12 @@ async def _status_data(path: Path, limit: int) -> dict[str, Any]:
 
 
 def _status(args: argparse.Namespace) -> int:
-    data = asyncio.run(_status_data(args.journal, args.limit))
+    target = _journal_target(args)
+    data = _run(target, lambda: _status_data(target, args.limit))
 
     def text() -> str:
         counts = ", ".join(f"{s} {n}" for s, n in data["by_status"].items())
-        parts = [f"{data['journal']}: {counts}",
+        parts = [f"{target.described}: {counts}",
                  f"oldest pending: {data['oldest_pending'] or 'none'}"]
         if data["pending"]:
             parts += ["", "pending:", _table(
@@ -268,8 +369,8 @@ def _status(args: argparse.Namespace) -> int:
     return OK
 
 
-async def _load_record(path: Path, key: str) -> Any:
-    journal = _open_journal(path)
+async def _load_record(target: _Target, key: str) -> Any:
+    journal = _open_journal(target)
     await journal.open()
     try:
         return await journal.load(key)
@@ -280,9 +381,10 @@ async def _load_record(path: Path, key: str) -> Any:
 def _inspect(args: argparse.Namespace) -> int:
     from failover._models import _mask
 
-    record = asyncio.run(_load_record(args.journal, args.key))
+    target = _journal_target(args)
+    record = _run(target, lambda: _load_record(target, args.key))
     if record is None:
-        raise _Abort(f"no repayment {args.key!r} in {args.journal}", PROBLEM)
+        raise _Abort(f"no repayment {args.key!r} in {target.described}", PROBLEM)
     attempts = [{
         "round": a.round, "channel": a.channel, "reference": a.reference,
         "outcome": a.outcome.value if a.outcome else "sent (no answer yet)", "code": a.code,
@@ -320,54 +422,171 @@ def _inspect(args: argparse.Namespace) -> int:
 
 # ---- reconcile --------------------------------------------------------------------------
 
-async def _reconcile_data(config_path: Path, journal_path: Path) -> dict[str, Any]:
+async def _reconcile_data(config_path: Path, target: _Target) -> dict[str, Any]:
     from failover._router import Router
 
     _check_file(config_path)
     # The repayments pending now: opening the router already resolves them (recovery),
     # so they are listed first and reported on, whichever of the two settled them.
-    reader = _open_journal(journal_path, read_only=True)
+    reader = _open_journal(target, read_only=True)
     await reader.open()
     try:
         keys = await reader.pending_keys()
     finally:
         await reader.close()
-    journal = _open_journal(journal_path, read_only=False)
-    router = Router.from_config(config_path, journal=journal)
+    journal = _open_journal(target, read_only=False)
+    # A shared journal's background sweep is for services; this command reconciles once.
+    extra: dict[str, Any] = {"background": False} if target.is_dsn else {}
+    router = Router.from_config(config_path, journal=journal, **extra)
+    data: dict[str, Any] = {}
     async with router:
         await router.wait_recovered()
         await router.reconcile()
         results = [result for key in keys if (result := await router.get(key)) is not None]
+        if journal.shared:
+            held = await _held_elsewhere(journal, [r.key for r in results
+                                                   if r.status.value == "pending"])
+            results = [r for r in results if r.key not in held]
+            data["held_elsewhere"] = held
         stats = await journal.stats()
     return {
         "reconciled": len(results),
         "outcomes": {s: sum(r.status.value == s for r in results)
                      for s in ("succeeded", "failed", "pending")},
+        **data,
         "journal_by_status": {s.value: n for s, n in stats.by_status.items()},
     }
 
 
+async def _held_elsewhere(journal: Any, keys: Sequence[str]) -> list[str]:
+    """The pending ``keys`` another instance holds (a running service driving them, or a
+    stopped one whose lease has not run out): reconcile left them to their owner.
+
+    The journal tells ownership only to one who asks to own: each key is taken and at
+    once given back (what this command drove and left pending is free again)."""
+    held = []
+    for key in keys:
+        record = await journal.acquire(key)
+        if record is None:
+            held.append(key)
+        elif record.status.value == "pending":
+            await journal.release(key)
+    return held
+
+
 def _reconcile(args: argparse.Namespace) -> int:
-    data = asyncio.run(_reconcile_data(args.config, args.journal))
-    _emit(args, data, lambda: (
-        f"reconciled {data['reconciled']}: "
-        + ", ".join(f"{s} {n}" for s, n in data["outcomes"].items())
-        + "\njournal now: " + ", ".join(f"{s} {n}" for s, n in data["journal_by_status"].items())
-    ))
+    target = _journal_target(args)
+    data = _run(target, lambda: _reconcile_data(args.config, target))
+
+    def text() -> str:
+        lines = [f"reconciled {data['reconciled']}: "
+                 + ", ".join(f"{s} {n}" for s, n in data["outcomes"].items())]
+        if data.get("held_elsewhere"):
+            held = data["held_elsewhere"]
+            shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+            lines.append(f"left to the instance that holds them (a live lease): {shown}")
+        lines.append("journal now: "
+                     + ", ".join(f"{s} {n}" for s, n in data["journal_by_status"].items()))
+        return "\n".join(lines)
+
+    _emit(args, data, text)
+    if target.is_dsn:
+        # Beside running instances the journal always holds repayments in flight: only
+        # the ones this command could drive count.
+        return PROBLEM if data["outcomes"]["pending"] else OK
     return PROBLEM if data["journal_by_status"].get("pending") else OK
+
+
+# ---- migrate ------------------------------------------------------------------------------
+
+def _sqlite_version(path: Path) -> int:
+    """The file's schema version, 0 for no file; refuses a database that is not a journal."""
+    import sqlite3
+    from urllib.parse import quote
+
+    if not path.exists():
+        return 0
+    try:
+        conn = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True)
+        try:
+            version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise _Abort(f"--journal: {path} is not an SQLite journal: {exc}") from exc
+    if version == 0 and tables:
+        # Version 0 with tables: someone else's database, which migrating would write into.
+        raise _Abort(f"--journal: {path} is an SQLite database but not a failover journal")
+    return version
+
+
+async def _migrate_versions(target: _Target) -> tuple[int, int]:
+    if target.is_dsn:
+        versions: tuple[int, int] = await _open_journal(target, read_only=False).migrate()
+        return versions
+    # An SQLite journal has one schema, written when the file is first opened for writing:
+    # migrating creates the file (and fails where the service would, e.g. a missing folder).
+    before = _sqlite_version(target.path)
+    journal = _open_journal(target, read_only=False, must_exist=False)
+    await journal.open()
+    await journal.close()
+    return before, _sqlite_version(target.path)
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    target = _target(args.journal, args.schema)
+    assert target is not None
+    before, after = _run(target, lambda: _migrate_versions(target))
+    data = {**target.data(), "before": before, "after": after, "migrated": before != after}
+    what = f"schema {target.schema!r} in {target.label}" if target.is_dsn else target.label
+
+    def text() -> str:
+        if before == after:
+            return f"{what}: version {after}, up to date (nothing to do)"
+        created = " (created)" if before == 0 else ""
+        return f"{what}: version {before} -> {after}{created}"
+
+    _emit(args, data, text)
+    return OK
 
 
 # ---- demo ---------------------------------------------------------------------------------
 
+async def _journal_size(target: _Target) -> int:
+    """How many repayments the journal already holds (creating an absent one, as the demo
+    would)."""
+    journal = _open_journal(target, read_only=False, migrate=True, must_exist=False)
+    await journal.open()
+    try:
+        stats = await journal.stats()
+    finally:
+        await journal.close()
+    return sum(stats.by_status.values())
+
+
 def _demo(args: argparse.Namespace) -> int:
     from failover._demo import print_report, run_demo
 
+    target = _target(args.journal, args.schema)
+    if target is not None:
+        held = _run(target, lambda: _journal_size(target))
+        if held:
+            # Its repayments would be joined, not made, and the audit against today's
+            # ledgers would call them false successes.
+            raise _Abort(f"--journal: {target.described} already holds {held} repayments;"
+                         " the demo needs an empty journal (a new file or schema)")
     if not args.json:
+        where = ("a temporary SQLite journal" if target is None
+                 else f"PostgreSQL journal {target.described}" if target.is_dsn
+                 else f"SQLite journal {target.label}")
         print(f"failover demo: a simulated day of {args.repayments} repayments over"
               " auto_debit (primary, down 10:00-12:00, ambiguous timeouts), bank_card and"
-              f" wallet; SQLite journal; seed {args.seed}")
+              f" wallet; {where}; seed {args.seed}")
         print()
-    report = asyncio.run(run_demo(args.repayments, args.seed, args.journal))
+    report = _run(target, lambda: run_demo(
+        args.repayments, args.seed, None if target is None else target.text,
+        schema=target.schema if target is not None else None))
     if args.json:
         after = report.audit_after
         print(json.dumps({
@@ -492,17 +711,33 @@ def build_parser() -> argparse.ArgumentParser:
     channels.add_argument("--amount", help="repayment amount, to judge limits")
     channels.add_argument("--currency", help="ISO 4217 code, with --amount")
 
+    journal_help = "SQLite file, or postgresql://USER@HOST:PORT/DB"
+
+    def journal_options(sub: argparse.ArgumentParser, required: bool = True,
+                        help: str = journal_help) -> None:
+        sub.add_argument("--journal", required=required, help=help)
+        schema_option(sub)
+
+    def schema_option(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--schema", default=None,
+                         help=f"PostgreSQL schema of the journal (default {DEFAULT_SCHEMA})")
+
     status = command("status", _status, "repayments by status, oldest pending, recent failovers")
-    status.add_argument("--journal", type=Path, required=True)
+    journal_options(status)
     status.add_argument("--limit", type=int, default=10, help="rows per list (default 10)")
 
     inspect = command("inspect", _inspect, "one repayment's attempts, timestamps and outcomes")
     inspect.add_argument("key")
-    inspect.add_argument("--journal", type=Path, required=True)
+    journal_options(inspect)
 
     reconcile = command("reconcile", _reconcile, "resolve PENDING repayments now")
     reconcile.add_argument("config", type=Path)
-    reconcile.add_argument("--journal", type=Path, required=True)
+    journal_options(reconcile)
+
+    migrate = command("migrate", _migrate,
+                      "create or upgrade a journal's schema (PostgreSQL: apply migrations)")
+    migrate.add_argument("journal", metavar="JOURNAL", help=journal_help)
+    schema_option(migrate)
 
     bench = command("bench", _bench,
                     "compare naive, retry-only and failover strategies on simulated scenarios")
@@ -520,8 +755,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = command("demo", _demo, "run a simulated day of repayments and audit it")
     demo.add_argument("--repayments", type=int, default=3000, help="how many (default 3000)")
     demo.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
-    demo.add_argument("--journal", type=Path, default=None,
-                      help="SQLite journal file to keep (default: a temporary one)")
+    journal_options(demo, required=False,
+                    help="an empty journal to keep: SQLite file or postgresql:// DSN"
+                         " (default: a temporary SQLite file)")
     return parser
 
 

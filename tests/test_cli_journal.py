@@ -13,6 +13,7 @@ import pytest
 
 import failover
 from failover.cli import main
+from failover.journal import SCHEMA_VERSION
 from failover.testing import FakeClock, FaultProfile, SimulatedChannel, SQLiteLedger
 
 from .conftest import repayment
@@ -196,3 +197,72 @@ def test_status_reads_while_the_service_runs_and_reconcile_is_refused(pending_jo
     assert "pending 3" in status_out
     assert 2 == code
     assert "another process" in err
+
+
+def test_migrate_creates_a_file_journal(tmp_path, capsys):
+    """migrate on a path without a journal creates one (version 0 -> 1) that status reads."""
+    journal = tmp_path / "journal.db"
+
+    code, out, err = run(capsys, "migrate", str(journal), "--json")
+    status_code, status_out, _ = run(capsys, "status", "--journal", str(journal), "--json")
+
+    assert 0 == code, err
+    assert {"journal": str(journal), "before": 0, "after": SCHEMA_VERSION,
+            "migrated": True} == json.loads(out)
+    assert 0 == status_code
+    assert {"pending": 0, "succeeded": 0, "failed": 0} == json.loads(status_out)["by_status"]
+
+
+def test_migrate_of_a_current_file_journal_changes_nothing(pending_journal, capsys):
+    """migrate on a journal already at this version says so and leaves it as it was."""
+    journal, _, _ = pending_journal
+    before = journal.read_bytes()
+
+    code, out, _ = run(capsys, "migrate", str(journal))
+
+    assert 0 == code
+    assert [f"{journal}: version {SCHEMA_VERSION}, up to date (nothing to do)"] == out.splitlines()
+    assert before == journal.read_bytes()
+
+
+def test_migrate_refuses_an_sqlite_database_that_is_not_a_journal(tmp_path, capsys):
+    """migrate does not write failover's tables into someone else's SQLite database."""
+    import sqlite3
+
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE loans (id INTEGER)")
+    before = other.read_bytes()
+
+    code, _, err = run(capsys, "migrate", str(other))
+
+    assert 2 == code
+    assert [f"failover migrate: --journal: {other} is an SQLite database but not a failover"
+            " journal"] == err.splitlines()
+    assert before == other.read_bytes()
+
+
+@pytest.mark.parametrize("command", [["status"], ["inspect", "k"], ["migrate"], ["demo"]])
+def test_schema_is_refused_for_a_file_journal(tmp_path, capsys, command):
+    """--schema names a PostgreSQL schema: with an SQLite file it is a usage error, exit 2."""
+    journal = tmp_path / "journal.db"
+    where = [str(journal)] if command == ["migrate"] else ["--journal", str(journal)]
+
+    code, _, err = run(capsys, *command, *where, "--schema", "other")
+
+    assert 2 == code
+    assert "--schema: only for a PostgreSQL journal" in err
+    assert not journal.exists()
+
+
+def test_demo_refuses_a_journal_that_holds_repayments(pending_journal, capsys):
+    """The demo audits its own repayments only: a journal already holding some is refused
+    (exit 2) instead of reporting their collections as false successes."""
+    journal, _, _ = pending_journal
+
+    code, out, err = run(capsys, "demo", "--repayments", "10", "--journal", str(journal))
+
+    assert 2 == code
+    assert "" == out
+    assert [f"failover demo: --journal: {journal} already holds 4 repayments; the demo needs"
+            " an empty journal (a new file or schema)"] == err.splitlines()
