@@ -1,0 +1,546 @@
+"""Regressions found by an adversarial review of several instances on one PostgreSQL
+journal, one test per defect, each checked against the channels' ledger.
+
+Every test here failed (or hung, bounded by ``asyncio.wait_for``) before the fixes of
+commit 68e6e29.  Two journals with different ``instance`` names on one schema are two
+service instances; a fault-injecting TCP proxy stands between a journal and the server
+where a test needs the connection to fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+import failover
+from failover import ChannelRequest, ChannelResult, Repayment, RepaymentStatus
+
+from .pg_proxy import Proxy
+
+
+def config(timeout_s: float = 1.0) -> failover.RouterConfig:
+    return failover.RouterConfig.model_validate({
+        "channels": {
+            name: {"timeout_s": timeout_s, "settle_s": 0.2,
+                   "retry": {"max_attempts": 2, "initial_backoff_s": 0.01,
+                             "max_backoff_s": 0.02}}
+            for name in ("card", "wallet")
+        },
+    })
+
+
+def repayment(key: str) -> Repayment:
+    return Repayment(key=key, account="acct-00001234", amount=Decimal("100.00"),
+                     currency="CNY")
+
+
+class Ledger:
+    """What the channels really collected: the ground truth.  Locked, as plain-``def``
+    channels write it from their threads."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str]] = []  # (repayment key, channel, reference)
+        self._lock = threading.Lock()
+
+    def collect(self, key: str, channel: str, reference: str, *, idempotent: bool) -> None:
+        with self._lock:
+            if not (idempotent and self.find(channel, reference)):
+                self.rows.append((key, channel, reference))
+
+    def find(self, channel: str, reference: str) -> bool:
+        return any(c == channel and r == reference for _, c, r in self.rows)
+
+    def collections(self, key: str) -> list[tuple[str, str, str]]:
+        with self._lock:
+            return [row for row in self.rows if row[0] == key]
+
+
+class LedgerChannel:
+    """An async channel on the ledger.  ``gate``, while set to an unset event, holds each
+    submit before it collects; ``decline`` declines; ``unknown`` collects, then answers a
+    timeout; ``query_unknown`` makes queries time out."""
+
+    def __init__(self, name: str, ledger: Ledger, *, idempotent: bool = True) -> None:
+        self.name = name
+        self.ledger = ledger
+        self.idempotent = idempotent
+        self.gate: asyncio.Event | None = None
+        self.decline = False
+        self.unknown = False
+        self.query_unknown = False
+        self.submits: list[str] = []
+        self.entered = asyncio.Event()
+
+    async def submit(self, request: ChannelRequest) -> ChannelResult:
+        self.submits.append(request.reference)
+        self.entered.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.decline:
+            return ChannelResult.declined("insufficient_balance")
+        self.ledger.collect(request.repayment_key, self.name, request.reference,
+                            idempotent=self.idempotent)
+        if self.unknown:
+            return ChannelResult.unknown("timeout")
+        return ChannelResult.succeeded(f"{self.name}:{request.reference}")
+
+    async def query(self, request: ChannelRequest) -> ChannelResult:
+        if self.query_unknown:
+            return ChannelResult.unknown("query_timeout")
+        if self.ledger.find(self.name, request.reference):
+            return ChannelResult.succeeded(f"{self.name}:{request.reference}")
+        return ChannelResult.not_found()
+
+
+class BlockingChannel:
+    """A plain-``def`` channel whose submit blocks (a hung HTTP call) until ``release``
+    is set, then collects: it outlives the router's timeout on its thread."""
+
+    def __init__(self, name: str, ledger: Ledger, *, idempotent: bool = True) -> None:
+        self.name = name
+        self.ledger = ledger
+        self.idempotent = idempotent
+        self.release = threading.Event()
+        self.submits: list[str] = []
+        self.ended = threading.Event()
+
+    def submit(self, request: ChannelRequest) -> ChannelResult:
+        self.submits.append(request.reference)
+        self.release.wait(30)
+        self.ledger.collect(request.repayment_key, self.name, request.reference,
+                            idempotent=self.idempotent)
+        self.ended.set()
+        return ChannelResult.succeeded(f"{self.name}:{request.reference}")
+
+    def query(self, request: ChannelRequest) -> ChannelResult:
+        if self.ledger.find(self.name, request.reference):
+            return ChannelResult.succeeded(f"{self.name}:{request.reference}")
+        return ChannelResult.not_found()
+
+
+@dataclass
+class Instance:
+    router: failover.Router
+    journal: failover.PostgresJournal
+    card: Any
+    wallet: Any
+
+
+@pytest.fixture
+def ledger() -> Ledger:
+    return Ledger()
+
+
+@pytest.fixture
+async def instances(postgres_dsn: str, pg_schema: str, ledger: Ledger
+                    ) -> AsyncIterator[Callable[..., Awaitable[Instance]]]:
+    """``make(name, ...)``: an open router instance on the shared schema, its channels
+    on the one ledger; every one closed (bounded) at the end."""
+    opened: list[failover.Router] = []
+
+    async def make(name: str, *, card: Any = None, dsn: str = postgres_dsn,
+                   lease_s: float = 2.0, timeout_s: float = 1.0, background: bool = False,
+                   **options: Any) -> Instance:
+        card = card if card is not None else LedgerChannel("card", ledger)
+        wallet = LedgerChannel("wallet", ledger)
+        # Unique names: a test below ends its instance's server sessions by name.
+        journal = failover.PostgresJournal(
+            dsn, schema=pg_schema, instance=f"{name}-{secrets.token_hex(3)}",
+            lease_s=lease_s, migrate=True, connect_timeout_s=1, **options)
+        router = failover.Router([card, wallet], journal, config(timeout_s),
+                                 background=background, sweep_every_s=0.2)
+        await router.open()
+        opened.append(router)
+        return Instance(router, journal, card, wallet)
+
+    yield make
+    for router in opened:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(router.close(grace_s=0), 5)
+
+
+@pytest.fixture
+async def proxy(postgres_dsn: str) -> AsyncIterator[Proxy]:
+    target = urlsplit(postgres_dsn)
+    started = await Proxy(target.hostname or "127.0.0.1", target.port or 5432).start()
+    try:
+        yield started
+    finally:
+        await started.stop()
+
+
+async def _sql(dsn: str, query: str, *args: Any) -> list[Any]:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        return list(await conn.fetch(query, *args))
+    finally:
+        await conn.close()
+
+
+async def _expire_leases(dsn: str, schema: str) -> None:
+    await _sql(dsn, f"UPDATE {schema}.repayments SET lease_until = now()"
+                    " - interval '1 second' WHERE status = 'pending'")
+
+
+async def _until(condition: Callable[[], Awaitable[bool]], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await condition():
+            return True
+        await asyncio.sleep(0.05)
+    return await condition()
+
+
+async def test_retry_on_two_instances_at_once_joins_one_new_round(
+        instances, ledger, postgres_dsn, pg_schema):
+    """Race on a shared row: both instances read FAILED, one's new round wins the row
+    lock; the other's retry() joined it instead of raising OwnershipLost."""
+    a, b = await instances("a"), await instances("b")
+    for instance in (a, b):
+        instance.card.decline = instance.wallet.decline = True
+    assert RepaymentStatus.FAILED == (await a.router.repay(repayment("loan-1"))).status
+    for instance in (a, b):
+        instance.card.decline = instance.wallet.decline = False
+    import asyncpg
+
+    # A third session holds the row lock while both instances read and then queue on it.
+    locker = await asyncpg.connect(postgres_dsn)
+    try:
+        transaction = locker.transaction()
+        await transaction.start()
+        await locker.execute(f"SELECT 1 FROM {pg_schema}.repayments WHERE key = 'loan-1'"
+                             " FOR UPDATE")
+        retries = [asyncio.ensure_future(i.router.retry("loan-1")) for i in (a, b)]
+        await asyncio.sleep(0.5)
+        await transaction.rollback()
+    finally:
+        await locker.close()
+    results = await asyncio.wait_for(asyncio.gather(*retries), 8)
+
+    assert [RepaymentStatus.SUCCEEDED] * 2 == [r.status for r in results]
+    assert 1 == len({r.channel_reference for r in results})
+    assert 1 == len(ledger.collections("loan-1"))
+
+
+async def test_a_drive_ended_on_a_journal_error_lets_its_lease_lapse(
+        instances, ledger, postgres_dsn, proxy):
+    """Orphaned lease: A's drive died on a JournalError (the database was cut while its
+    submit was in the air) yet A kept renewing the lease, so B's repay of the key
+    joined a drive that no longer existed and hung."""
+    a = await instances("a", dsn=proxy.dsn(postgres_dsn))
+    b = await instances("b", background=True)
+    a.card.gate = asyncio.Event()
+    a.card.unknown = True  # collects, then a timeout: A's next write is its answer
+    caller = asyncio.ensure_future(a.router.repay(repayment("loan-2")))
+    await asyncio.wait_for(a.card.entered.wait(), 5)
+    proxy.cut()
+    a.card.gate.set()  # the card collects while A cannot reach the database
+    with pytest.raises(failover.JournalError):
+        await asyncio.wait_for(caller, 5)
+    proxy.heal()
+
+    result = await asyncio.wait_for(b.router.repay(repayment("loan-2")), 6)
+
+    assert RepaymentStatus.SUCCEEDED == result.status
+    assert 1 == len(ledger.collections("loan-2"))
+    assert [] == b.card.submits == b.wallet.submits  # B settled it by a query
+
+
+async def test_creates_read_back_does_not_claim_an_older_repayment_of_the_key(
+        instances, ledger, postgres_dsn, proxy):
+    """Read-back that claims another write: the client's second repay of a key whose
+    plain-def submit still ran lost its create's COMMIT answer; the read-back took the
+    older row for a new one and submitted again to a non-idempotent channel."""
+    card = BlockingChannel("card", ledger, idempotent=False)
+    a = await instances("a", card=card, dsn=proxy.dsn(postgres_dsn), lease_s=30.0,
+                        timeout_s=0.5)
+    try:
+        first = await asyncio.wait_for(a.router.repay(repayment("loan-3")), 5)
+        assert RepaymentStatus.PENDING == first.status  # the thread outlived its timeout
+        proxy.drop_at_commit(after=True)
+        second = await asyncio.wait_for(a.router.repay(repayment("loan-3")), 8)
+        assert 1 == proxy.dropped_commits
+        card.release.set()
+        await asyncio.wait_for(asyncio.to_thread(card.ended.wait, 5), 6)
+        await asyncio.sleep(0.2)  # a second thread, if one was started, ends too
+    finally:
+        card.release.set()
+
+    assert RepaymentStatus.PENDING == second.status
+    assert 1 == len(card.submits), card.submits
+    assert 1 == len(ledger.collections("loan-3"))
+
+
+async def test_a_fenced_owner_after_the_new_owner_finished_gets_its_result(
+        instances, ledger, postgres_dsn, pg_schema):
+    """Wrong error on a fenced write: A's write, refused after B had taken the key over
+    and finished it, raised TerminalStateError to A's caller, not B's SUCCEEDED."""
+    a, b = await instances("a", lease_s=5.0), await instances("b", lease_s=5.0)
+    a.card.gate = asyncio.Event()
+    caller = asyncio.ensure_future(a.router.repay(repayment("loan-4")))
+    await asyncio.wait_for(a.card.entered.wait(), 5)
+    ledger.collect("loan-4", "card", a.card.submits[0], idempotent=True)  # it landed
+    await _expire_leases(postgres_dsn, pg_schema)
+    assert ["loan-4"] == await b.journal.take_expired(10)
+    settled = await asyncio.wait_for(
+        b.router._executor.drive(None, b.router._channels.layout, "loan-4"), 5)
+    assert RepaymentStatus.SUCCEEDED == settled.status
+    a.card.gate.set()  # A's submit answers after B finished
+
+    result = await asyncio.wait_for(caller, 5)
+
+    assert RepaymentStatus.SUCCEEDED == result.status
+    assert settled.channel_reference == result.channel_reference
+    assert 1 == len(ledger.collections("loan-4"))
+    assert [] == a.wallet.submits == b.card.submits == b.wallet.submits
+
+
+class BlackholeProxy(Proxy):
+    """Blackholes a link at its next COMMIT, as a half-open connection does (state lost
+    in a NAT or firewall, a partition without a reset): the COMMIT and all after it go
+    nowhere and no socket is closed, so the server's session stays idle in transaction,
+    holding its row locks, until the proxy is stopped."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(host, port)
+        self._freeze_next = False
+        self._frozen: set[int] = set()
+        self.frozen_commits = 0
+
+    def freeze_at_commit(self) -> None:
+        self._freeze_next = True
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    pair: tuple[asyncio.StreamWriter, ...], client: bool) -> None:
+        link = id(pair[0])
+        try:
+            while data := await reader.read(65536):
+                if link in self._frozen:
+                    continue
+                if client and self._freeze_next and b"COMMIT" in data.upper():
+                    self._freeze_next = False
+                    self._frozen.add(link)
+                    self.frozen_commits += 1
+                    continue
+                writer.write(data)
+                await writer.drain()
+        finally:
+            if link not in self._frozen:  # a frozen link stays open: stop() aborts it
+                self._abort(pair)
+
+
+async def test_a_half_open_connection_freezes_neither_other_instances_nor_other_keys(
+        instances, ledger, postgres_dsn):
+    """Unbounded wait on a dead peer: A's COMMIT vanished into a half-open connection;
+    without statement, lock and idle-in-transaction timeouts A waited for ever, its
+    session kept the row locked, and B's single writer (so every key on B) froze."""
+    target = urlsplit(postgres_dsn)
+    blackhole = await BlackholeProxy(target.hostname or "127.0.0.1",
+                                     target.port or 5432).start()
+    tasks: list[asyncio.Future[Any]] = []
+    sessions: list[str] = []
+    try:
+        a = await instances("a", dsn=blackhole.dsn(postgres_dsn), background=True)
+        sessions.append(f"failover:{a.journal.instance}")
+        b = await instances("b", background=True)
+        a.card.gate = asyncio.Event()
+        tasks.append(asyncio.ensure_future(a.router.repay(repayment("k1"))))
+        await asyncio.wait_for(a.card.entered.wait(), 5)
+        blackhole.freeze_at_commit()
+        a.card.gate.set()  # collects; A's write of the answer is the COMMIT lost
+        await asyncio.sleep(0.5)
+        assert 1 == blackhole.frozen_commits
+        tasks.append(asyncio.ensure_future(b.router.repay(repayment("k1"))))  # a retry
+        tasks.append(asyncio.ensure_future(b.router.repay(repayment("k2"))))  # unrelated
+
+        done, _ = await asyncio.wait(tasks, timeout=8)
+
+        assert [True, True, True] == [task in done for task in tasks]
+        results = [task.result() for task in tasks]
+        assert [RepaymentStatus.SUCCEEDED] * 3 == [r.status for r in results]
+        assert 1 == len(ledger.collections("k1"))
+        assert 1 == len(ledger.collections("k2"))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await blackhole.stop()  # ends the frozen session too
+        with contextlib.suppress(Exception):
+            await _sql(postgres_dsn, "SELECT pg_terminate_backend(pid) FROM"
+                       " pg_stat_activity WHERE application_name = ANY($1)", sessions)
+
+
+async def test_a_second_instance_joins_an_owner_whose_thread_outlives_its_drive(
+        instances, ledger):
+    """Unbounded join: A's drive ended PENDING with its plain-def submit still running
+    (A keeps the lease meanwhile); B's repay of the key waited for the thread, possibly
+    for ever, instead of returning A's PENDING result."""
+    card = BlockingChannel("card", ledger)
+    try:
+        a = await instances("a", card=card, timeout_s=0.5)
+        b = await instances("b", timeout_s=0.5)
+        owners = await asyncio.wait_for(a.router.repay(repayment("k8")), 5)
+        assert RepaymentStatus.PENDING == owners.status
+
+        joined = await asyncio.wait_for(b.router.repay(repayment("k8")), 5)
+
+        assert (owners.status, owners.pending_reason) == (joined.status, joined.pending_reason)
+        assert [] == b.card.submits == b.wallet.submits
+        card.release.set()
+        await asyncio.wait_for(asyncio.to_thread(card.ended.wait, 5), 6)
+        assert 1 == len(ledger.collections("k8"))
+    finally:
+        card.release.set()
+
+
+async def test_a_thread_still_running_after_close_keeps_the_repayment_from_takeover(
+        instances, ledger):
+    """Takeover while a submit can still collect: A closed its router while a plain-def
+    submit ran on; its lease lapsed, B took over, saw NOT_FOUND and collected on the
+    wallet, then A's thread collected on the card: two collections."""
+    card = BlockingChannel("card", ledger)
+    try:
+        a = await instances("a", card=card, timeout_s=0.5)
+        # B's card is async: it does not share this process's record of A's thread, as
+        # another process would not.
+        b = await instances("b", timeout_s=0.5, background=True)
+        first = await asyncio.wait_for(a.router.repay(repayment("loan-5")), 5)
+        assert RepaymentStatus.PENDING == first.status
+        await asyncio.wait_for(a.router.close(grace_s=0.1), 5)
+        await asyncio.sleep(3.0)  # past A's lease and B's sweep
+        card.release.set()  # the hung call ends: the card collects
+        await asyncio.wait_for(asyncio.to_thread(card.ended.wait, 5), 6)
+
+        async def settled() -> bool:
+            result = await b.router.get("loan-5")
+            return result is not None and result.status is not RepaymentStatus.PENDING
+
+        assert await _until(settled, 5)
+    finally:
+        card.release.set()
+
+    assert 1 == len(ledger.collections("loan-5")), ledger.collections("loan-5")
+    assert [] == b.wallet.submits
+    final = await b.router.get("loan-5")
+    assert final is not None
+    assert (RepaymentStatus.SUCCEEDED, "card") == (final.status, final.channel)
+
+
+class LoseCommitAnswer:
+    """Makes ``proxy`` lose the COMMIT answer of ``journal``'s next operation named
+    ``op`` once armed, and records whether that operation's fate was then read back
+    (its ``settle`` ran, or its ``apply`` ran a second time)."""
+
+    def __init__(self, journal: failover.PostgresJournal, proxy: Proxy, op: str,
+                 monkeypatch: pytest.MonkeyPatch) -> None:
+        self.armed = False
+        self.read_back = False
+        submit = journal._submit
+        prefix = f"PostgresJournal.{op}."
+
+        async def lossy(apply: Any, settle: Any = None, key: str | None = None) -> Any:
+            if self.armed and getattr(apply, "__qualname__", "").startswith(prefix):
+                self.armed = False
+                proxy.drop_at_commit(after=True)
+                apply, settle = self._watch(apply, settle)
+            return await submit(apply, settle, key)
+
+        monkeypatch.setattr(journal, "_submit", lossy)
+
+    def _watch(self, apply: Any, settle: Any) -> tuple[Any, Any]:
+        calls = 0
+
+        async def watched_apply(conn: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            self.read_back = self.read_back or calls > 1
+            return await apply(conn)
+
+        async def watched_settle(conn: Any) -> Any:
+            self.read_back = True
+            return await settle(conn)
+
+        return watched_apply, (None if settle is None else watched_settle)
+
+
+READ_BACK_OPS = {
+    "create": RepaymentStatus.SUCCEEDED,
+    "begin_attempt": RepaymentStatus.SUCCEEDED,
+    "finish_attempt": RepaymentStatus.SUCCEEDED,
+    "finish": RepaymentStatus.SUCCEEDED,
+    "set_pending": RepaymentStatus.PENDING,  # collected, but no query can tell yet
+    "acquire": RepaymentStatus.SUCCEEDED,
+    "new_round": RepaymentStatus.SUCCEEDED,
+    "take_expired": RepaymentStatus.SUCCEEDED,
+}
+
+
+@pytest.mark.parametrize("op", list(READ_BACK_OPS))
+async def test_each_operation_whose_commit_answer_is_lost_is_read_back(
+        op, instances, ledger, postgres_dsn, pg_schema, proxy, monkeypatch, caplog):
+    """Unknown write outcome: each journal operation whose COMMIT reached the server but
+    whose answer was lost is read back; the repayment is collected once, the journal
+    agrees with the ledger and nothing is left owned with no drive (a lost sweep
+    commit left its rows owned by the sweeper, taken by nobody)."""
+    a = await instances("a", dsn=proxy.dsn(postgres_dsn), lease_s=5.0)
+    lose = LoseCommitAnswer(a.journal, proxy, op, monkeypatch)
+    key = f"k-{op}"
+
+    async def scenario() -> failover.RepaymentResult | None:
+        if op == "new_round":
+            a.card.decline = a.wallet.decline = True
+            assert RepaymentStatus.FAILED == (await a.router.repay(repayment(key))).status
+            a.card.decline = a.wallet.decline = False
+            lose.armed = True
+            return await a.router.retry(key)
+        if op in ("set_pending", "acquire", "take_expired"):
+            # Collected, then a timeout, and the card's query times out too: PENDING.
+            a.card.unknown = a.card.query_unknown = True
+            lose.armed = op == "set_pending"
+            result = await a.router.repay(repayment(key))
+            a.card.query_unknown = False
+            if op == "acquire":
+                lose.armed = True
+                [result] = await a.router.reconcile()
+            elif op == "take_expired":
+                await _sql(postgres_dsn, f"UPDATE {pg_schema}.repayments SET owner = 'gone',"
+                                         " lease_until = now() - interval '1 second'"
+                                         " WHERE key = $1", key)
+                lose.armed = True
+                assert [key] == await a.journal.take_expired(10)
+                result = await a.router._executor.drive(None, a.router._channels.layout, key)
+            return result
+        if op in ("begin_attempt", "finish_attempt"):
+            a.card.decline = True  # the wallet's attempt is the one written
+        lose.armed = True
+        return await a.router.repay(repayment(key))
+
+    with caplog.at_level(logging.WARNING, logger="failover.journal"):
+        result = await asyncio.wait_for(scenario(), 8)
+
+    assert 1 == proxy.dropped_commits
+    assert lose.read_back
+    assert any("reading back" in r.getMessage() for r in caplog.records)
+    assert result is not None
+    final = await a.router.get(key)
+    assert final is not None
+    assert READ_BACK_OPS[op] == result.status == final.status
+    collections = ledger.collections(key)
+    assert 1 == len(collections), collections
+    if final.status is RepaymentStatus.SUCCEEDED:
+        assert collections[0][1] == final.channel
+    [row] = await _sql(postgres_dsn, f"SELECT owner, lease_until > now() AS live"
+                                     f" FROM {pg_schema}.repayments WHERE key = $1", key)
+    assert not (row["owner"] and row["live"]), dict(row)
