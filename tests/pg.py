@@ -13,14 +13,18 @@ import concurrent.futures
 import functools
 import hashlib
 import os
+import re
 import secrets
+import time
 from typing import Any
 
 import pytest
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
-RUN = secrets.token_hex(3)
+RUN = f"{int(time.time())}_{secrets.token_hex(2)}"
 PREFIX = f"failover_t{RUN}_"
+STALE_S = 6 * 3600
+"""Schemas of runs older than this (killed before they could clean up) are dropped too."""
 
 
 def dsn() -> str:
@@ -77,9 +81,12 @@ def drop_run_schemas() -> None:
         conn = await asyncpg.connect(dsn(), timeout=5)
         try:
             names = await conn.fetch(
-                "SELECT nspname FROM pg_namespace WHERE nspname LIKE $1", PREFIX + "%")
+                "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'failover\\_t%'")
             for (name,) in names:
-                await conn.execute(f'DROP SCHEMA "{name}" CASCADE')
+                started = re.match(r"failover_t(\d+)_", name)
+                stale = started is not None and time.time() - int(started[1]) > STALE_S
+                if name.startswith(PREFIX) or stale:
+                    await conn.execute(f'DROP SCHEMA "{name}" CASCADE')
         finally:
             await conn.close()
 
