@@ -243,24 +243,32 @@ class Executor:
         return await self._own(key, layout, join=join)
 
     async def _own(self, key: str, layout: Layout, *, join: bool) -> RepaymentResult:
+        shared = self._shared
         while True:
             self._gate(key)
-            record = await self._journal.acquire(key)  # UnknownRepayment if not held at all
-            if record is not None:
-                if record.status is not RepaymentStatus.PENDING:
-                    return record.result()
-                return await self._run(_Drive(layout, record))
-            stored = await self._journal.load(key)
-            if stored is None:
-                raise UnknownRepayment(key)
-            if not join or stored.status is not RepaymentStatus.PENDING \
-                    or stored.pending_reason is PendingReason.AWAITING_CHANNEL:
-                # Its owner's drive has ended (pending on a channel, perhaps with a
-                # thread still running there): that is the result to give.
-                return stored.result()
-            # Owned by another instance, in flight: its ending (or its lease running
-            # out) is told by a notification, or seen by polling.
-            await self._journal.changed(key, timeout_s=1.0)
+            # Watched before its state is read: a change in between wakes the wait below.
+            waiter = self._journal.watch(key) if shared and join else None
+            try:
+                record = await self._journal.acquire(key)  # UnknownRepayment if unknown
+                if record is not None:
+                    if record.status is not RepaymentStatus.PENDING:
+                        return record.result()
+                    return await self._run(_Drive(layout, record))
+                stored = await self._journal.load(key)
+                if stored is None:
+                    raise UnknownRepayment(key)
+                if not join or stored.status is not RepaymentStatus.PENDING \
+                        or stored.pending_reason is PendingReason.AWAITING_CHANNEL:
+                    # Its owner's drive has ended (pending on a channel, perhaps with a
+                    # thread still running there): that is the result to give.
+                    return stored.result()
+                # Owned by another instance, in flight: its ending (or its lease running
+                # out) is told by a notification, or seen by polling.
+                assert waiter is not None
+                await self._journal.changed(key, waiter, timeout_s=1.0)
+            finally:
+                if waiter is not None and not waiter.done():
+                    waiter.cancel()
 
     # ---- the loop ---------------------------------------------------------------
 

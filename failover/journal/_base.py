@@ -8,6 +8,7 @@ explicit new round).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -240,8 +241,14 @@ class Journal(Protocol):
         (checked locally, renewed only if short); ``OwnershipLost`` if it does not."""
         ...
 
-    async def changed(self, key: str, timeout_s: float) -> None:
-        """Wait until ``key`` may have changed owner or state, or ``timeout_s``."""
+    def watch(self, key: str) -> asyncio.Future[None]:
+        """Start watching ``key``: taken before reading its state, so that a change in
+        between is not missed by ``changed``."""
+        ...
+
+    async def changed(self, key: str, waiter: asyncio.Future[None], timeout_s: float) -> None:
+        """Wait until ``key`` may have changed owner or state since ``watch`` gave
+        ``waiter``, or ``timeout_s``."""
         ...
 
     async def take_expired(self, limit: int) -> list[str]:
@@ -281,8 +288,12 @@ class SingleOwner:
     async def hold(self, key: str, seconds: float) -> None:
         return None
 
-    async def changed(self, key: str, timeout_s: float) -> None:  # pragma: no cover
-        return None  # never waited on: acquire() always succeeds
+    def watch(self, key: str) -> asyncio.Future[None]:  # pragma: no cover
+        raise NotImplementedError("never watched: acquire() always succeeds")
+
+    async def changed(self, key: str, waiter: asyncio.Future[None], timeout_s: float
+                      ) -> None:  # pragma: no cover
+        return None
 
     async def take_expired(self, limit: int) -> list[str]:
         return []

@@ -734,19 +734,32 @@ class PostgresJournal:
         sql = self._sql.release
         await self._submit(lambda conn: conn.execute(sql, key, held.token), key=key)
 
-    async def changed(self, key: str, timeout_s: float) -> None:
+    def watch(self, key: str) -> asyncio.Future[None]:
+        """A future set when ``key`` next changes owner or state (a notification);
+        taken before reading the state, so a change in between is not missed."""
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(key, []).append(waiter)
+        waiter.add_done_callback(lambda done: self._unwatch(key, done))
+        return waiter
+
+    def _unwatch(self, key: str, waiter: asyncio.Future[None]) -> None:
+        waiters = self._waiters.get(key)
+        if waiters is not None:
+            with contextlib.suppress(ValueError):
+                waiters.remove(waiter)
+            if not waiters:
+                del self._waiters[key]
+
+    async def changed(self, key: str, waiter: asyncio.Future[None], timeout_s: float) -> None:
+        """Wait for ``waiter`` (from ``watch``), ``timeout_s`` or ``poll_s`` at most;
+        the waiter is done with afterwards."""
         try:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waiter, timeout=min(timeout_s, self.poll_s))
+                await asyncio.wait_for(asyncio.shield(waiter),
+                                       timeout=min(timeout_s, self.poll_s))
         finally:
-            waiters = self._waiters.get(key)
-            if waiters is not None:
-                with contextlib.suppress(ValueError):
-                    waiters.remove(waiter)
-                if not waiters:
-                    del self._waiters[key]
+            if not waiter.done():
+                waiter.cancel()
 
     def _notified(self, conn: Any, pid: int, channel: str, key: str) -> None:
         for waiter in self._waiters.pop(key, ()):

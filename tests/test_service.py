@@ -1,0 +1,286 @@
+"""examples/service.py: the FastAPI service, in process and under uvicorn's workers."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import httpx
+import pytest
+
+import failover
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+ACCOUNT = "6222021234567890"
+
+# The example's channels without its maintenance windows (a run at the wrong hour would
+# fail over to the declining wallet), with faults that exercise failover and the query
+# after an unknown outcome, and a short settle_s so that query proves nothing in 0.3 s.
+CONFIG = """
+[channels.auto_debit]
+priority = 1
+adapter = "failover.testing:SimulatedChannel"
+timeout_s = 2.0
+settle_s = 0.3
+
+[channels.auto_debit.options]
+idempotent = false
+seed = 1
+profile = { unavailable = 0.05, unknown_not_collected = 0.05 }
+
+[channels.auto_debit.retry]
+initial_backoff_s = 0.01
+
+[channels.bank_card]
+priority = 2
+adapter = "failover.testing:SimulatedChannel"
+options = { idempotent = true, seed = 2 }
+timeout_s = 2.0
+
+[channels.wallet]
+priority = 3
+adapter = "failover.testing:SimulatedChannel"
+options = { idempotent = false, seed = 3 }
+timeout_s = 2.0
+"""
+
+
+def load(name: str) -> ModuleType:
+    """An example file as a module (examples/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # pydantic and dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+service = load("service")
+loadtest = load("loadtest")
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "failover.toml"
+    path.write_text(CONFIG)
+    return path
+
+
+# ---- in process, on an SQLite journal ---------------------------------------------------
+
+
+@pytest.fixture
+async def app(config: Path, tmp_path: Path) -> AsyncIterator[Any]:
+    settings = service.Settings(config=config, journal=str(tmp_path / "journal.db"), grace_s=0)
+    app = service.create_app(settings)
+    async with app.router.lifespan_context(app):  # ASGITransport does not run the lifespan
+        yield app
+
+
+@pytest.fixture
+async def client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://service") as client:
+        yield client
+
+
+def body(**changes: Any) -> dict[str, Any]:
+    fields = {"key": "loan-42/instalment-7", "account": ACCOUNT, "amount": "1250.00",
+              "currency": "CNY"}
+    fields.update(changes)
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+async def test_repay_answers_the_result_and_get_agrees(client: httpx.AsyncClient):
+    """POST /repayments answers the result; GET of the key (slash and all) answers the same."""
+    posted = await client.post("/repayments", json=body())
+    read = await client.get("/repayments/loan-42/instalment-7")
+
+    assert 200 == posted.status_code, posted.text
+    assert "succeeded" == posted.json()["status"]
+    assert 1 == posted.json()["attempts"]
+    assert (200, posted.json()) == (read.status_code, read.json())
+    assert ACCOUNT not in posted.text
+
+
+async def test_same_key_other_amount_is_409(client: httpx.AsyncClient):
+    """A key reused for other money is refused with 409 naming the field."""
+    await client.post("/repayments", json=body())
+
+    answer = await client.post("/repayments", json=body(amount="1300.00"))
+
+    assert 409 == answer.status_code
+    assert ("idempotency_conflict", "amount") == (answer.json()["error"], answer.json()["field"])
+
+
+async def test_conflict_on_account_names_it_without_either_value(client: httpx.AsyncClient):
+    """A 409 on the account says which field differs and echoes neither account."""
+    await client.post("/repayments", json=body())
+
+    answer = await client.post("/repayments", json=body(account="6222029999999999"))
+
+    assert (409, "account") == (answer.status_code, answer.json()["field"])
+    assert ACCOUNT not in answer.text
+    assert "6222029999999999" not in answer.text
+
+
+@pytest.mark.parametrize(("changes", "field"), [
+    ({"amount": 12.5}, "amount"),              # a JSON float: no exact decimal value
+    ({"amount": "12.345"}, "amount"),          # more places than CNY has
+    ({"amount": "-1"}, "amount"),
+    ({"currency": "XYZ"}, "currency"),
+    ({"key": " "}, "key"),
+    ({"account": None}, "account"),            # missing
+    ({"due_at": "2026-12-06T10:00"}, "due_at"),  # no time zone
+    ({"channels": ["fax"]}, "channels"),
+    ({"colour": "red"}, "colour"),
+])
+async def test_invalid_field_is_422_naming_it(client: httpx.AsyncClient,
+                                              changes: dict[str, Any], field: str):
+    """A request the service cannot take is a 422 naming the field, with nothing collected."""
+    answer = await client.post("/repayments", json=body(**changes))
+
+    assert 422 == answer.status_code, answer.text
+    assert field == answer.json()["field"]
+    assert 404 == (await client.get("/repayments/loan-42/instalment-7")).status_code
+
+
+async def test_422_does_not_echo_the_account(client: httpx.AsyncClient):
+    """A refused account is named as the field, never shown."""
+    account = "6222\n021234567890"
+
+    answer = await client.post("/repayments", json=body(account=account))
+
+    assert (422, "account") == (answer.status_code, answer.json()["field"])
+    assert "021234567890" not in answer.text
+
+
+async def test_get_of_an_unknown_key_is_404(client: httpx.AsyncClient):
+    """GET of a key the journal does not hold is a 404."""
+    answer = await client.get("/repayments/loan-1/instalment-1")
+
+    assert (404, "not_found") == (answer.status_code, answer.json()["error"])
+
+
+async def test_closed_router_is_503_with_retry_after(client: httpx.AsyncClient, app: Any):
+    """A worker whose router has closed answers 503 and asks for the same key later."""
+    await app.state.router.close(grace_s=0)
+
+    answer = await client.post("/repayments", json=body())
+
+    assert 503 == answer.status_code
+    assert "1" == answer.headers["retry-after"]
+    assert 503 == (await client.get("/healthz")).status_code
+
+
+async def test_journal_error_is_503(client: httpx.AsyncClient, app: Any,
+                                    monkeypatch: pytest.MonkeyPatch):
+    """A journal that cannot be reached is a 503 with Retry-After, its message kept in."""
+    async def down(key: str) -> None:
+        raise failover.JournalError("cannot connect to journal postgresql://svc@db/x")
+
+    monkeypatch.setattr(app.state.router, "get", down)
+
+    answer = await client.get("/repayments/loan-42/instalment-7")
+
+    assert (503, "journal_unavailable") == (answer.status_code, answer.json()["error"])
+    assert "retry-after" in answer.headers
+    assert "svc@db" not in answer.text
+
+
+# ---- under uvicorn --workers 2, on PostgreSQL ---------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
+@pytest.fixture
+def two_workers(postgres_dsn: str, pg_schema: str, config: Path, tmp_path: Path
+                ) -> Iterator[Server]:
+    """``uvicorn service:app --workers 2`` on a new PostgreSQL schema, once both workers
+    answer /healthz; stopped with SIGTERM (as a deploy stops it) at the end."""
+    port, log = free_port(), tmp_path / "uvicorn.log"
+    env = {**os.environ, "FAILOVER_CONFIG": str(config), "FAILOVER_JOURNAL": postgres_dsn,
+           "FAILOVER_SCHEMA": pg_schema, "FAILOVER_GRACE_S": "1"}
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "service:app", "--app-dir", str(EXAMPLES),
+             "--workers", "2", "--host", "127.0.0.1", "--port", str(port)],
+            env=env, stdout=output, stderr=subprocess.STDOUT)
+    server = Server(f"http://127.0.0.1:{port}", process, log)
+    try:
+        seen: set[str] = set()
+        deadline = time.monotonic() + 20
+        while len(seen) < 2:
+            assert process.poll() is None, f"the service stopped:\n{server.output()}"
+            assert time.monotonic() < deadline, f"not 2 workers in 20 s:\n{server.output()}"
+            try:
+                # A new connection each time: a kept-alive one stays with one worker.
+                answer = httpx.get(f"{server.url}/healthz", headers={"Connection": "close"})
+                if answer.status_code == 200:
+                    seen.add(answer.headers["x-worker"])
+            except httpx.TransportError:
+                time.sleep(0.05)
+        yield server
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def test_two_workers_on_postgres_collect_each_key_once(
+        two_workers: Server, postgres_dsn: str, pg_schema: str):
+    """Under a bounded load with client retries (a fifth of the keys sent twice at once),
+    two workers answer every request, both copies of a key alike, and the journal holds
+    each key collected exactly once."""
+    report = await loadtest.run(two_workers.url, repayments=170, concurrency=16,
+                                repeat_share=0.2, seed=7, timeout_s=20, workers=2)
+
+    assert [8, 8] == sorted(report.connections.values())
+    assert report.crossed(), "no key's two copies reached two workers"
+    assert 204 == len(report.answers)
+    assert [] == [a for a in report.answers if a.http_status != 200]
+    assert [] == report.problems()  # repeated keys alike, GET agrees
+    answered = {a.key: a.body["channel_reference"] for a in report.answers}
+
+    journal = failover.open_journal(postgres_dsn, read_only=True, schema=pg_schema)
+    await journal.open()
+    try:
+        records = [await journal.load(key) for key in answered]
+    finally:
+        await journal.close()
+    collected = {}
+    for record in records:
+        assert record is not None
+        assert failover.RepaymentStatus.SUCCEEDED == record.status
+        collected[record.key] = [a.channel_reference for a in record.attempts
+                                 if failover.Outcome.SUCCEEDED in (a.outcome, a.resolution)]
+    assert {key: [reference] for key, reference in answered.items()} == collected
