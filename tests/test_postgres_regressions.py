@@ -450,12 +450,13 @@ class LoseCommitAnswer:
         submit = journal._submit
         prefix = f"PostgresJournal.{op}."
 
-        async def lossy(apply: Any, settle: Any = None, key: str | None = None) -> Any:
+        async def lossy(apply: Any, settle: Any = None, key: str | None = None,
+                        **options: Any) -> Any:
             if self.armed and getattr(apply, "__qualname__", "").startswith(prefix):
                 self.armed = False
                 proxy.drop_at_commit(after=True)
                 apply, settle = self._watch(apply, settle)
-            return await submit(apply, settle, key)
+            return await submit(apply, settle, key, **options)
 
         monkeypatch.setattr(journal, "_submit", lossy)
 

@@ -194,6 +194,18 @@ class _Held:
 
 
 @dataclass(slots=True, eq=False)
+class _Lane:
+    """One writer: its queue, its connection, and whether it is reading back a write
+    whose connection dropped."""
+
+    queue: asyncio.Queue[_Op | None]
+    conn: asyncpg.Connection | None = None
+    task: asyncio.Task[None] | None = None
+    settling: bool = False
+    down_since: float | None = None
+
+
+@dataclass(slots=True, eq=False)
 class _Op:
     """One queued operation: ``apply`` in a batch; ``settle`` after an unknown fate
     (reads back the effect, or applies again under the same fencing)."""
@@ -213,7 +225,7 @@ class PostgresJournal:
         self, dsn: str, *, instance: str | None = None, lease_s: float = 30.0,
         schema: str = "failover", migrate: bool = False, read_only: bool = False,
         poll_s: float = 1.0, sweep_batch: int = 100, connect_timeout_s: float = 5.0,
-        fate_timeout_s: float | None = None,
+        fate_timeout_s: float | None = None, writers: int = 2,
     ) -> None:
         """``dsn`` is a ``postgresql://`` URL.  ``instance`` names this owner in the
         table (default: host, pid and a random suffix: unique per journal object).
@@ -251,15 +263,15 @@ class PostgresJournal:
         self._held: dict[str, _Held] = {}
         self._pinned: dict[str, int] = {}
         self._keeper: asyncio.Task[None] | None = None
-        self._queue: asyncio.Queue[_Op | None] | None = None
-        self._writer: asyncio.Task[None] | None = None
+        self._lanes: list[_Lane] = []
+        """The writers: each a connection and a queue; a key's writes all go through one
+        (``_lane``), so two transactions of this instance never wait on each other's row
+        locks, and one lane's batch runs on the server while another's is built here."""
+        self.writers = writers
         self._renewer: asyncio.Task[None] | None = None
-        self._conn: asyncpg.Connection | None = None
         self._listener: asyncpg.Connection | None = None
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._errors = _CONNECTION_ERRORS
-        self._down_since: float | None = None
-        self._settling = False
         self.batches = 0
         """Transactions committed; with ``operations``, shows how well writes were grouped."""
         self.operations = 0
@@ -345,7 +357,7 @@ class PostgresJournal:
                 f" {self.path}{option}' or open it with PostgresJournal(..., migrate=True)")
 
     async def open(self) -> None:
-        if self._writer is not None:
+        if self._lanes:
             return
         self._errors = _connection_errors()
         if self.migrate_on_open and not self.read_only:
@@ -361,10 +373,13 @@ class PostgresJournal:
             with contextlib.suppress(Exception):
                 await conn.close()
             raise
-        self._conn, self._listener = conn, listener
-        self._queue = asyncio.Queue()
+        self._listener = listener
         loop = asyncio.get_running_loop()
-        self._writer = loop.create_task(self._write_loop(), name=f"failover-journal:{self.path}")
+        for number in range(1 if self.read_only else self.writers):
+            lane = _Lane(asyncio.Queue(), conn if number == 0 else None)
+            lane.task = loop.create_task(self._write_loop(lane),
+                                         name=f"failover-journal:{self.path}:{number}")
+            self._lanes.append(lane)
         if not self.read_only:
             self._renewer = loop.create_task(self._renew_loop(),
                                              name=f"failover-leases:{self.path}")
@@ -372,30 +387,33 @@ class PostgresJournal:
     async def close(self) -> None:
         """Stop writing.  Leases are not given back: they expire within ``lease_s`` and
         are taken over, as a crashed instance's are (anything may still be in the air)."""
-        if self._writer is None:
+        if not self._lanes:
             return
-        assert self._queue is not None
-        writer, self._writer = self._writer, None
-        self._queue.put_nowait(None)
+        lanes, self._lanes = self._lanes, []
+        for lane in lanes:
+            lane.queue.put_nowait(None)
         if self._renewer is not None:
             self._renewer.cancel()
             self._renewer = None
         # What is queued is written; a writer stuck on a dead server is not waited for.
+        tasks = [lane.task for lane in lanes if lane.task is not None]
         with contextlib.suppress(BaseException):
-            await asyncio.wait_for(asyncio.shield(writer), timeout=self.connect_timeout_s)
-        writer.cancel()
+            await asyncio.wait_for(asyncio.shield(asyncio.gather(*tasks)),
+                                   timeout=self.connect_timeout_s)
+        for task in tasks:
+            task.cancel()
         pinned = {key: self._held[key].token for key in self._pinned if key in self._held}
         if pinned:
             self._keeper = asyncio.get_running_loop().create_task(
                 self._keep(pinned), name=f"failover-keeper:{self.path}")
         self._held.clear()
-        for conn in (self._conn, self._listener):
+        for conn in (*(lane.conn for lane in lanes), self._listener):
             if conn is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(conn.close(), timeout=self.connect_timeout_s)
                 if not conn.is_closed():
                     conn.terminate()
-        self._conn = self._listener = None
+        self._listener = None
         for waiters in self._waiters.values():
             for waiter in waiters:
                 if not waiter.done():
@@ -429,20 +447,24 @@ class PostgresJournal:
 
     async def _submit(self, apply: Callable[[Any], Awaitable[T]],
                       settle: Callable[[Any], Awaitable[T]] | None = None,
-                      key: str | None = None) -> T:
-        if self._writer is None or self._queue is None:
+                      key: str | None = None, route: str | None = None) -> T:
+        """Queue an operation on the lane of ``route`` (default ``key``: the repayment
+        whose lease a write failing with an unknown fate gives up)."""
+        lanes = self._lanes
+        if not lanes:
             raise JournalError(f"journal {self.path} is not open")
-        if self._down_since is not None and self._settling:
+        route = route if route is not None else key
+        lane = lanes[hash(route) % len(lanes)] if route is not None else lanes[0]
+        if lane.down_since is not None and lane.settling:
             # Unreachable, and the writer is busy reading back an unknown write: fail
             # fast rather than queue behind it.
             raise JournalError(f"journal {self.path}: the database is unreachable")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Op(apply, settle, future, key))
+        lane.queue.put_nowait(_Op(apply, settle, future, key))
         return await future
 
-    async def _write_loop(self) -> None:
-        assert self._queue is not None
-        queue = self._queue
+    async def _write_loop(self, lane: _Lane) -> None:
+        queue = lane.queue
         stopping = False
         while not stopping:
             first = await queue.get()
@@ -455,41 +477,41 @@ class PostgresJournal:
                     stopping = True
                     break
                 batch.append(item)
-            await self._run_batch(batch)
+            await self._run_batch(lane, batch)
 
-    async def _connection(self) -> asyncpg.Connection:
-        if self._conn is not None and not self._conn.is_closed():
-            return self._conn
-        self._conn = None
+    async def _connection(self, lane: _Lane) -> asyncpg.Connection:
+        if lane.conn is not None and not lane.conn.is_closed():
+            return lane.conn
+        lane.conn = None
         try:
             conn = await self._connect()
         except JournalError:
-            if self._down_since is None:
-                self._down_since = time.monotonic()
+            if lane.down_since is None:
+                lane.down_since = time.monotonic()
             raise
-        self._conn, self._down_since = conn, None
+        lane.conn, lane.down_since = conn, None
         return conn
 
-    async def _begin(self) -> tuple[asyncpg.Connection, Any] | None:
+    async def _begin(self, lane: _Lane) -> tuple[asyncpg.Connection, Any] | None:
         """A connection with a transaction begun, or None if the database cannot be
         reached.  Nothing of the batch has been sent yet, so a connection found dead
         here (dropped while idle) is replaced once without any doubt about a write."""
         for _ in range(2):
             try:
-                conn = await self._connection()
+                conn = await self._connection(lane)
             except JournalError:
                 return None
             transaction = conn.transaction()
             try:
                 await transaction.start()
             except self._errors:
-                self._drop(conn)
+                self._drop(lane, conn)
                 continue
             return conn, transaction
         return None
 
-    async def _run_batch(self, batch: list[_Op]) -> None:
-        begun = await self._begin()
+    async def _run_batch(self, lane: _Lane, batch: list[_Op]) -> None:
+        begun = await self._begin(lane)
         if begun is None:
             # Nothing was sent: each operation certainly did not happen.
             for op in batch:
@@ -512,8 +534,8 @@ class PostgresJournal:
                 raise
             await transaction.commit()
         except self._errors as exc:
-            self._drop(conn)
-            await self._settle_unknown(batch, exc)
+            self._drop(lane, conn)
+            await self._settle_unknown(lane, batch, exc)
             return
         except Exception as exc:
             if len(batch) == 1:
@@ -522,7 +544,7 @@ class PostgresJournal:
             # One operation's statement failed and aborted the batch: each alone, so
             # the faulty one fails by itself.
             for op in batch:
-                await self._run_batch([op])
+                await self._run_batch(lane, [op])
             return
         self.batches += 1
         self.operations += len(batch)
@@ -532,32 +554,33 @@ class PostgresJournal:
             elif not op.future.done():
                 op.future.set_result(value)
 
-    def _drop(self, conn: asyncpg.Connection) -> None:
-        if self._conn is conn:
-            self._conn = None
+    def _drop(self, lane: _Lane, conn: asyncpg.Connection) -> None:
+        if lane.conn is conn:
+            lane.conn = None
         with contextlib.suppress(Exception):
             conn.terminate()
 
-    async def _settle_unknown(self, batch: list[_Op], cause: BaseException) -> None:
+    async def _settle_unknown(self, lane: _Lane, batch: list[_Op], cause: BaseException
+                              ) -> None:
         """The connection dropped while the batch was sent: read back each operation's
         fate before answering anything for it."""
         _log.warning("journal %s: connection lost during a write (%s); reading back",
                      self.path, cause)
         deadline = time.monotonic() + self.fate_timeout_s
         pending = list(batch)
-        self._settling = True
+        lane.settling = True
         try:
-            await self._read_back(pending, deadline)
+            await self._read_back(lane, pending, deadline)
         finally:
-            self._settling = False
+            lane.settling = False
 
-    async def _read_back(self, pending: list[_Op], deadline: float) -> None:
+    async def _read_back(self, lane: _Lane, pending: list[_Op], deadline: float) -> None:
         retryable: tuple[type[BaseException], ...] = (*self._errors, JournalError)
         delay = 0.05
         while pending:
             op = pending[0]
             try:
-                conn = await self._connection()
+                conn = await self._connection(lane)
                 async with conn.transaction():
                     value = await (op.settle or op.apply)(conn)
             except retryable as exc:
@@ -565,8 +588,8 @@ class PostgresJournal:
                     pending.pop(0)
                     _fail(op.future, exc)
                     continue
-                if self._conn is not None:
-                    self._drop(self._conn)
+                if lane.conn is not None:
+                    self._drop(lane, lane.conn)
                 if time.monotonic() >= deadline:
                     for left in pending:
                         if left.key is not None:
@@ -645,9 +668,18 @@ class PostgresJournal:
             raise OwnershipLost(key)
 
     async def _renew(self, keys: Sequence[str]) -> None:
-        pairs = [(key, self._held[key].token) for key in keys if key in self._held]
-        if not pairs:
-            return
+        """Renew the leases of ``keys``: one statement per writer lane, each on the lane
+        its keys' other writes use (so no two transactions of this instance lock the
+        same rows in different orders)."""
+        by_lane: dict[int, list[tuple[str, int]]] = {}
+        lanes = max(1, len(self._lanes))
+        for key in keys:
+            held = self._held.get(key)
+            if held is not None:
+                by_lane.setdefault(hash(key) % lanes, []).append((key, held.token))
+        await asyncio.gather(*(self._renew_lane(pairs) for pairs in by_lane.values()))
+
+    async def _renew_lane(self, pairs: list[tuple[str, int]]) -> None:
         sent = time.monotonic()
         sql = self._sql.renew
 
@@ -656,7 +688,7 @@ class PostgresJournal:
                                     self.lease_s)
             return {row[0] for row in rows}
 
-        kept = await self._submit(apply)
+        kept = await self._submit(apply, route=pairs[0][0])
         for key, token in pairs:
             held = self._held.get(key)
             if held is None or held.token != token:
@@ -835,7 +867,7 @@ class PostgresJournal:
 
     async def load(self, key: str) -> Record | None:
         sql = self._sql
-        return await self._submit(lambda conn: _load(conn, sql, key))
+        return await self._submit(lambda conn: _load(conn, sql, key), route=key)
 
     async def load_many(self, keys: Sequence[str]) -> dict[str, Record]:
         sql = self._sql
@@ -877,7 +909,8 @@ class PostgresJournal:
         if held is None:
             # Not ours (any more): only an answer nobody has yet is written, never over
             # one; the attempt's fact is true whoever owns the repayment now.
-            await self._submit(lambda conn: conn.execute(sql.finish_attempt_unowned, *args))
+            await self._submit(lambda conn: conn.execute(sql.finish_attempt_unowned, *args),
+                               route=key)
             return
 
         async def apply(conn: asyncpg.Connection) -> None:
