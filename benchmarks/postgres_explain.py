@@ -133,7 +133,8 @@ async def journal_statements(dsn: str, schema: str, key: str
         async def capture(name: str, call: Any, rollback: bool = False) -> None:
             recorder = Recorder(conn)
 
-            async def submit(apply: Any, settle: Any = None, key: Any = None) -> Any:
+            async def submit(apply: Any, settle: Any = None, key: Any = None,
+                             **options: Any) -> Any:
                 return await apply(recorder)
 
             journal._submit = submit  # the journal's own statements, on our connection
