@@ -374,3 +374,36 @@ def test_a_blocking_router_and_from_config_take_the_postgres_journal(
         result = router.repay(repayment("loan-12"))
         assert result.status is RepaymentStatus.SUCCEEDED
         assert router.get("loan-12") == result
+
+
+async def test_the_background_loop_survives_a_database_outage_and_says_so(
+        instances, postgres_dsn):
+    """The sweep meets an unreachable database: it backs off and emits
+    journal.unavailable, then journal.recovered once it is back; close() stops it."""
+    target = urlsplit(postgres_dsn)
+    proxy = await Proxy(target.hostname or "127.0.0.1", target.port or 5432).start()
+    try:
+        a, _, _, events = await instances(
+            "a", dsn=proxy.dsn(postgres_dsn),
+            router={"sweep_every_s": 0.02, "reconcile_every_s": 60})
+        proxy.cut()
+        for _ in range(200):
+            if any(e.name == "failover.journal.unavailable" for e in events):
+                break
+            await asyncio.sleep(0.02)
+        proxy.heal()
+        for _ in range(300):
+            if any(e.name == "failover.journal.recovered" for e in events):
+                break
+            await asyncio.sleep(0.02)
+        names = [e.name for e in events]
+        assert "failover.journal.unavailable" in names
+        assert "failover.journal.recovered" in names
+        assert names.index("failover.journal.unavailable") < names.index(
+            "failover.journal.recovered")
+        result = await a.repay(repayment("loan-13"))  # and the instance works again
+        assert result.status is RepaymentStatus.SUCCEEDED
+        await asyncio.wait_for(a.close(grace_s=0), 5)
+        assert not any(t.get_name() == "failover:background" for t in asyncio.all_tasks())
+    finally:
+        await proxy.stop()
