@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit
@@ -545,3 +546,37 @@ async def test_each_operation_whose_commit_answer_is_lost_is_read_back(
     [row] = await _sql(postgres_dsn, f"SELECT owner, lease_until > now() AS live"
                                      f" FROM {pg_schema}.repayments WHERE key = $1", key)
     assert not (row["owner"] and row["live"]), dict(row)
+
+
+async def test_a_writer_survives_an_unexpected_driver_error_when_a_transaction_starts(
+        postgres_dsn, pg_schema, monkeypatch):
+    """Defect class: a writer task that dies.  After a server restart asyncpg raised
+    InternalClientError from Transaction.start on a connection not yet seen closed; the
+    lane's writer ended and every later write of the lane waited for ever.  Nothing was
+    sent when a transaction fails to start: the writer takes a new connection."""
+    import asyncpg.transaction
+    from asyncpg.exceptions._base import InternalClientError
+
+    journal = failover.PostgresJournal(postgres_dsn, schema=pg_schema, instance="a",
+                                       lease_s=5.0, migrate=True, writers=1)
+    await journal.open()
+    try:
+        real_start = asyncpg.transaction.Transaction.start
+        armed = [True]
+
+        async def start_once_broken(self: Any) -> Any:
+            if armed[0]:
+                armed[0] = False
+                raise InternalClientError("cannot switch to state 15; another operation"
+                                          " (2) is in progress")
+            return await real_start(self)
+
+        monkeypatch.setattr(asyncpg.transaction.Transaction, "start", start_once_broken)
+        assert await asyncio.wait_for(journal.load("k"), 5) is None
+        assert not armed[0]
+        record, created = await asyncio.wait_for(
+            journal.create(repayment("k"), None, datetime.now(UTC)), 5)
+        assert created
+        assert await asyncio.wait_for(journal.load("k"), 5) == record
+    finally:
+        await journal.close()

@@ -181,7 +181,8 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
     import asyncpg
 
     return (*_CONNECTION_ERRORS, asyncpg.exceptions.ConnectionDoesNotExistError,
-            asyncpg.exceptions.InterfaceError, asyncpg.exceptions.PostgresConnectionError,
+            asyncpg.exceptions.InterfaceError, asyncpg.exceptions.InternalClientError,
+            asyncpg.exceptions.PostgresConnectionError,
             asyncpg.exceptions.AdminShutdownError, asyncpg.exceptions.CannotConnectNowError,
             asyncpg.exceptions.CrashShutdownError)
 
@@ -477,7 +478,16 @@ class PostgresJournal:
                     stopping = True
                     break
                 batch.append(item)
-            await self._run_batch(lane, batch)
+            try:
+                await self._run_batch(lane, batch)
+            except Exception as exc:
+                # The writer must outlive anything: a dead writer would leave every later
+                # write of its lane waiting for ever.
+                _log.exception("journal %s: a batch failed unexpectedly", self.path)
+                if lane.conn is not None:
+                    self._drop(lane, lane.conn)
+                for op in batch:
+                    _fail(op.future, JournalError(f"journal {self.path}: {exc!r}"))
 
     async def _connection(self, lane: _Lane) -> asyncpg.Connection:
         if lane.conn is not None and not lane.conn.is_closed():
@@ -504,7 +514,7 @@ class PostgresJournal:
             transaction = conn.transaction()
             try:
                 await transaction.start()
-            except self._errors:
+            except Exception:  # whatever it is, nothing was sent: a new connection
                 self._drop(lane, conn)
                 continue
             return conn, transaction
