@@ -23,6 +23,7 @@ from failover._errors import (
     IdempotencyConflict,
     OwnershipLost,
     RouterClosedError,
+    TerminalStateError,
     UnknownRepayment,
 )
 from failover._flow import (
@@ -322,10 +323,10 @@ class Executor:
                 action = flow.send(await perform[type(action)](action, drive))
         except StopIteration:
             pass
-        except OwnershipLost:
-            # Another instance took it over (this one's lease ran out): this flow stops
-            # here and never calls a channel for it again; the caller gets the new
-            # owner's result.
+        except (OwnershipLost, TerminalStateError):
+            # Another instance took it over (this one's lease ran out), and may have
+            # ended it already: this flow stops here and never calls a channel for it
+            # again; the caller gets the new owner's result.
             self._emit(OwnershipLostEvent(key))
             flow.close()
             self._release(drive)

@@ -309,6 +309,33 @@ async def test_a_fenced_owner_after_the_new_owner_finished_gets_its_result(
     assert [] == a.wallet.submits == b.card.submits == b.wallet.submits
 
 
+async def test_a_fenced_owner_whose_renewal_saw_the_loss_first_gets_the_result(
+        instances, ledger, postgres_dsn, pg_schema):
+    """Wrong error on a fenced write, second path (found by the chaos test): A was paused,
+    B took the key over and finished it, and A's lease renewal noticed first and forgot
+    the key; A's next write then had no token at all and its caller got
+    TerminalStateError instead of B's SUCCEEDED."""
+    a, b = await instances("a", lease_s=5.0), await instances("b", lease_s=5.0)
+    a.card.gate = asyncio.Event()
+    caller = asyncio.ensure_future(a.router.repay(repayment("loan-14")))
+    await asyncio.wait_for(a.card.entered.wait(), 5)
+    ledger.collect("loan-14", "card", a.card.submits[0], idempotent=True)  # it landed
+    await _expire_leases(postgres_dsn, pg_schema)
+    assert ["loan-14"] == await b.journal.take_expired(10)
+    settled = await asyncio.wait_for(
+        b.router._executor.drive(None, b.router._channels.layout, "loan-14"), 5)
+    assert RepaymentStatus.SUCCEEDED == settled.status
+    await a.journal._renew(["loan-14"])  # the renewal round that finds the key gone
+    a.card.gate.set()
+
+    result = await asyncio.wait_for(caller, 5)
+
+    assert RepaymentStatus.SUCCEEDED == result.status
+    assert settled.channel_reference == result.channel_reference
+    assert 1 == len(ledger.collections("loan-14"))
+    assert [] == a.wallet.submits == b.card.submits == b.wallet.submits
+
+
 class BlackholeProxy(Proxy):
     """Blackholes a link at its next COMMIT, as a half-open connection does (state lost
     in a NAT or firewall, a partition without a reset): the COMMIT and all after it go
