@@ -22,6 +22,7 @@ from failover import ChannelRequest, ChannelResult, Repayment, RepaymentStatus
 from failover.events import Event, RepaymentTakenOver
 from failover.testing import crash
 
+from .pg_channels import Ledger, LedgerChannel
 from .pg_proxy import Proxy
 
 CONFIG = failover.RouterConfig.model_validate({
@@ -31,51 +32,6 @@ CONFIG = failover.RouterConfig.model_validate({
         for name in ("card", "wallet")
     },
 })
-
-
-class Ledger:
-    """What the channels really collected: the ground truth of every test here."""
-
-    def __init__(self) -> None:
-        self.rows: list[tuple[str, str, str]] = []  # (repayment key, channel, reference)
-
-    def find(self, channel: str, reference: str) -> bool:
-        return any(c == channel and r == reference for _, c, r in self.rows)
-
-    def collections(self, key: str) -> list[tuple[str, str, str]]:
-        return [row for row in self.rows if row[0] == key]
-
-
-class LedgerChannel:
-    """An idempotent channel on a shared ledger.  ``gate``, while set to an unset
-    event, holds each submit before it collects; ``unknown`` makes submits collect and
-    then answer a timeout (the dangerous case)."""
-
-    idempotent = True
-
-    def __init__(self, name: str, ledger: Ledger) -> None:
-        self.name = name
-        self.ledger = ledger
-        self.gate: asyncio.Event | None = None
-        self.unknown = False
-        self.submits: list[str] = []
-        self.entered = asyncio.Event()
-
-    async def submit(self, request: ChannelRequest) -> ChannelResult:
-        self.submits.append(request.reference)
-        self.entered.set()
-        if self.gate is not None:
-            await self.gate.wait()
-        if not self.ledger.find(self.name, request.reference):
-            self.ledger.rows.append((request.repayment_key, self.name, request.reference))
-        if self.unknown:
-            return ChannelResult.unknown("timeout")
-        return ChannelResult.succeeded(f"{self.name}:{request.reference}")
-
-    async def query(self, request: ChannelRequest) -> ChannelResult:
-        if self.ledger.find(self.name, request.reference):
-            return ChannelResult.succeeded(f"{self.name}:{request.reference}")
-        return ChannelResult.not_found()
 
 
 def repayment(key: str, amount: str = "100.00", account: str = "acct-00001234") -> Repayment:
