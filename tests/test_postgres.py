@@ -363,3 +363,13 @@ async def test_the_background_loop_survives_a_database_outage_and_says_so(
         assert not any(t.get_name() == "failover:background" for t in asyncio.all_tasks())
     finally:
         await proxy.stop()
+
+
+def test_without_asyncpg_the_postgres_journal_says_which_extra_to_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "asyncpg" else real(name, *a))
+    with pytest.raises(failover.JournalError, match=r"failover\[postgres\]"):
+        failover.PostgresJournal("postgresql://svc@db/payments")

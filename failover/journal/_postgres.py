@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import importlib.util
 import json
 import logging
 import os
@@ -241,6 +242,9 @@ class PostgresJournal:
         the database to come back before it fails with ``JournalError``."""
         if not is_dsn(dsn):
             raise ValueError(f"dsn must be a postgresql:// URL, got {mask_dsn(str(dsn))!r}")
+        if importlib.util.find_spec("asyncpg") is None:
+            raise JournalError("the PostgreSQL journal needs asyncpg: pip install"
+                               " 'failover[postgres]'")
         if not _SCHEMA_NAME.match(schema):
             raise ValueError(f"schema must be a lower-case SQL name, got {schema!r}")
         if lease_s <= 0:
