@@ -469,6 +469,10 @@ class Executor:
             ), None
         self.threads.add(thread)
         thread.add_done_callback(self.threads.discard)
+        # From its start to its end, wherever this drive goes (cancelled by close(), an
+        # error, a timeout): no other instance may take the repayment over meanwhile.
+        runner, reference = lane.runner, request.reference
+        self._journal.pin(request.repayment_key, lambda: runner.running(reference))
 
         async def wait(_: ChannelRequest) -> Any:
             return await asyncio.shield(thread)
@@ -493,7 +497,6 @@ class Executor:
             lane = drive.layout.lanes[action.channel]
             reference = make_reference(record.key, record.round, action.channel)
             self._outliving[record.key] = self._outliving.get(record.key, 0) + 1
-            self._journal.pin(record.key)  # no other instance takes it over meanwhile
             thread.add_done_callback(
                 lambda done: self._late(record.key, action.number, reference, lane, done))
         return Answer(self._clock.monotonic())
@@ -504,7 +507,6 @@ class Executor:
         left = self._outliving.pop(key, 1) - 1
         if left:
             self._outliving[key] = left
-        self._journal.unpin(key)
         error = thread.exception()
         result = answer_of(thread.result() if error is None else None, error=error,
                            codes=lane.config.codes)

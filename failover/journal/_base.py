@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -260,12 +260,10 @@ class Journal(Protocol):
         runs out and the sweep of whichever instance comes first resumes it."""
         ...
 
-    def pin(self, key: str) -> None:
-        """A plain-``def`` submit of ``key`` outlived its timeout and still runs here:
-        keep owning ``key`` (even past ``close()``) until ``unpin``."""
+    def pin(self, key: str, running: Callable[[], bool]) -> None:
+        """A plain-``def`` submit of ``key`` runs on a thread here while ``running()``:
+        keep owning ``key`` until then (even past ``close()``)."""
         ...
-
-    def unpin(self, key: str) -> None: ...
 
 
 class SingleOwner:
@@ -301,8 +299,5 @@ class SingleOwner:
     def let_lapse(self, key: str) -> None:
         return None
 
-    def pin(self, key: str) -> None:
-        return None
-
-    def unpin(self, key: str) -> None:
+    def pin(self, key: str, running: Callable[[], bool]) -> None:
         return None

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -42,6 +43,7 @@ import os
 import random
 import re
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -175,6 +177,11 @@ def is_dsn(target: object) -> bool:
     return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
 
 
+_PINS: dict[tuple[str, str, str], list[Callable[[], bool]]] = {}
+"""(dsn, schema, key) -> checks of the plain-``def`` submits of it still running in this
+process (``PostgresJournal.pin``)."""
+_PINS_LOCK = threading.Lock()
+
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionError)
 
 
@@ -205,6 +212,9 @@ class _Lane:
     task: asyncio.Task[None] | None = None
     settling: bool = False
     down_since: float | None = None
+    batch: list[_Op] = dataclasses.field(default_factory=list)
+    """The batch being written (answered with an error if the writer is stopped)."""
+    pending: list[_Op] = dataclasses.field(default_factory=list)
 
 
 @dataclass(slots=True, eq=False)
@@ -266,8 +276,6 @@ class PostgresJournal:
         self.command_timeout_s = max(2.0, self.lease_s / 4)
         """A statement answered later than this is a connection fault (read back)."""
         self._held: dict[str, _Held] = {}
-        self._pinned: dict[str, int] = {}
-        self._keeper: asyncio.Task[None] | None = None
         self._lanes: list[_Lane] = []
         """The writers: each a connection and a queue; a key's writes all go through one
         (``_lane``), so two transactions of this instance never wait on each other's row
@@ -407,10 +415,24 @@ class PostgresJournal:
                                    timeout=self.connect_timeout_s)
         for task in tasks:
             task.cancel()
-        pinned = {key: self._held[key].token for key in self._pinned if key in self._held}
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.connect_timeout_s)
+        # Whatever the stopped writers had not answered is answered now: nobody waits
+        # for ever on a closed journal.
+        closed = JournalError(f"journal {self.path} closed before the operation ended")
+        for lane in lanes:
+            for op in (*lane.batch, *lane.pending):
+                _fail(op.future, closed)
+            while not lane.queue.empty():
+                item = lane.queue.get_nowait()
+                if item is not None:
+                    _fail(item.future, closed)
+        pinned = {key: held.token for key, held in self._held.items() if self._pinned(key)}
         if pinned:
-            self._keeper = asyncio.get_running_loop().create_task(
-                self._keep(pinned), name=f"failover-keeper:{self.path}")
+            # On a thread and a loop of its own: a service that stops its event loop (or
+            # a BlockingRouter's) must not stop the renewals while the threads still run.
+            threading.Thread(target=asyncio.run, args=(self._keep(pinned),), daemon=True,
+                             name=f"failover-keeper:{self.path}").start()
         self._held.clear()
         for conn in (*(lane.conn for lane in lanes), self._listener):
             if conn is not None:
@@ -427,17 +449,20 @@ class PostgresJournal:
 
     async def _keep(self, pinned: dict[str, int]) -> None:
         """After ``close()``: renew the leases of pinned keys (their threads still run)
-        on a connection of its own, until every one is unpinned."""
+        on a connection of its own, until no thread of them runs (or another opening
+        holds them under a new token)."""
         conn: asyncpg.Connection | None = None
         retryable: tuple[type[BaseException], ...] = (JournalError, *self._errors)
         try:
-            while any(key in self._pinned for key in pinned):
-                keys = [key for key in pinned if key in self._pinned]
+            while keys := [key for key in pinned if self._pinned(key)]:
                 try:
                     if conn is None or conn.is_closed():
                         conn = await self._connect()
-                    await conn.execute(self._sql.renew, keys, [pinned[k] for k in keys],
-                                       self.lease_s)
+                    kept = {row[0] for row in await conn.fetch(
+                        self._sql.renew, keys, [pinned[k] for k in keys], self.lease_s)}
+                    for key in keys:
+                        if key not in kept:
+                            del pinned[key]  # held under a new token, or ended
                 except retryable as exc:
                     _log.warning("journal %s: cannot renew the leases of running threads:"
                                  " %s", self.path, exc)
@@ -482,6 +507,7 @@ class PostgresJournal:
                     stopping = True
                     break
                 batch.append(item)
+            lane.batch = batch
             try:
                 await self._run_batch(lane, batch)
             except Exception as exc:
@@ -548,8 +574,9 @@ class PostgresJournal:
                 raise
             await transaction.commit()
         except self._errors as exc:
+            pid = _server_pid(conn)
             self._drop(lane, conn)
-            await self._settle_unknown(lane, batch, exc)
+            await self._settle_unknown(lane, batch, exc, pid)
             return
         except Exception as exc:
             if len(batch) == 1:
@@ -574,8 +601,8 @@ class PostgresJournal:
         with contextlib.suppress(Exception):
             conn.terminate()
 
-    async def _settle_unknown(self, lane: _Lane, batch: list[_Op], cause: BaseException
-                              ) -> None:
+    async def _settle_unknown(self, lane: _Lane, batch: list[_Op], cause: BaseException,
+                              pid: int | None) -> None:
         """The connection dropped while the batch was sent: read back each operation's
         fate before answering anything for it."""
         _log.warning("journal %s: connection lost during a write (%s); reading back",
@@ -583,18 +610,26 @@ class PostgresJournal:
         deadline = time.monotonic() + self.fate_timeout_s
         pending = list(batch)
         lane.settling = True
+        lane.pending = pending
         try:
-            await self._read_back(lane, pending, deadline)
+            await self._read_back(lane, pending, deadline, pid)
         finally:
             lane.settling = False
+            lane.pending = []
 
-    async def _read_back(self, lane: _Lane, pending: list[_Op], deadline: float) -> None:
+    async def _read_back(self, lane: _Lane, pending: list[_Op], deadline: float,
+                         pid: int | None) -> None:
         retryable: tuple[type[BaseException], ...] = (*self._errors, JournalError)
         delay = 0.05
         while pending:
             op = pending[0]
             try:
                 conn = await self._connection(lane)
+                if pid is not None:
+                    # The old session may still be committing (a slow fsync, a timed-out
+                    # statement): what it wrote is only readable once it is gone.
+                    await self._await_gone(conn, pid, deadline)
+                    pid = None
                 async with conn.transaction():
                     value = await (op.settle or op.apply)(conn)
             except retryable as exc:
@@ -603,6 +638,9 @@ class PostgresJournal:
                     _fail(op.future, exc)
                     continue
                 if lane.conn is not None:
+                    # This attempt's session may itself still be committing: waited for
+                    # too before the next look.
+                    pid = _server_pid(lane.conn) if pid is None else pid
                     self._drop(lane, lane.conn)
                 if time.monotonic() >= deadline:
                     for left in pending:
@@ -627,6 +665,16 @@ class PostgresJournal:
             if not op.future.done():
                 op.future.set_result(value)
 
+    async def _await_gone(self, conn: asyncpg.Connection, pid: int, deadline: float) -> None:
+        import asyncpg
+
+        with contextlib.suppress(asyncpg.PostgresError):  # not allowed: it ends by itself
+            await conn.execute("SELECT pg_terminate_backend($1)", pid)
+        while await conn.fetchval("SELECT 1 FROM pg_stat_activity WHERE pid = $1", pid):
+            if time.monotonic() >= deadline:
+                raise JournalError(f"journal {self.path}: session {pid} did not end")
+            await asyncio.sleep(0.02)
+
     # ---- leases ----------------------------------------------------------------------
 
     def _drop_held(self, key: str, token: int) -> None:
@@ -634,21 +682,29 @@ class PostgresJournal:
         if held is not None and held.token == token:
             del self._held[key]
 
-    def pin(self, key: str) -> None:
-        """Keep ``key``'s lease renewed, even past ``close()``, until ``unpin``: a
-        plain-``def`` submit of it is still running in this process, and no other
-        instance may take the repayment over while it can still collect."""
-        self._pinned[key] = self._pinned.get(key, 0) + 1
+    def pin(self, key: str, running: Callable[[], bool]) -> None:
+        """A plain-``def`` submit of ``key`` runs on a thread of this process while
+        ``running()``: until it ends, this process keeps ``key``'s lease (renewed even
+        past ``close()``, never released or let lapse), so no other instance takes the
+        repayment over while that thread can still collect.  Pins are process-wide (any
+        journal object on the same schema sees them) and clear themselves."""
+        with _PINS_LOCK:
+            _PINS.setdefault((self.dsn, self.schema, key), []).append(running)
 
-    def unpin(self, key: str) -> None:
-        left = self._pinned.pop(key, 1) - 1
-        if left > 0:
-            self._pinned[key] = left
+    def _pinned(self, key: str) -> bool:
+        with _PINS_LOCK:
+            checks = _PINS.get((self.dsn, self.schema, key))
+            if checks is None:
+                return False
+            checks[:] = [check for check in checks if check()]
+            if not checks:
+                del _PINS[(self.dsn, self.schema, key)]
+            return bool(checks)
 
     def let_lapse(self, key: str) -> None:
         """Stop renewing ``key`` without writing (its drive ended on an error): the
         lease runs out and whichever instance sweeps it first resumes it."""
-        if key not in self._pinned:
+        if not self._pinned(key):
             self._held.pop(key, None)
 
     def _take(self, key: str, token: int, sent: float) -> None:
@@ -774,6 +830,8 @@ class PostgresJournal:
         return None
 
     async def release(self, key: str) -> None:
+        if self._pinned(key):
+            return  # a thread of it still runs here: kept, renewed
         held = self._held.pop(key, None)
         if held is None:
             return
@@ -1091,6 +1149,13 @@ class PostgresJournal:
         raise OwnershipLost(key)
 
 
+def _server_pid(conn: Any) -> int | None:
+    try:
+        return int(conn.get_server_pid())
+    except Exception:
+        return None
+
+
 def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
     if not future.done():
         future.set_exception(error)
@@ -1122,11 +1187,12 @@ class _Statements:
             f" first AS (INSERT INTO {a} (key, number, round, channel, reference, started_at)"
             " SELECT key, 1, 1, $12, $13, $9 FROM new WHERE $12::text IS NOT NULL)"
             " SELECT token FROM new")
-        self.touch = (f"UPDATE {r} SET lease_until = {lease.format('$3')}"
+        self.touch = (f"UPDATE {r} SET lease_until = {lease.format('$3')},"
+                      " pending_reason = 'in_flight'"
                       " WHERE key = $1 AND token = $2 AND status = 'pending' RETURNING token")
         self.acquire = (
             f"UPDATE {r} SET owner = $2, token = nextval('{schema}.tokens'),"
-            f" lease_until = {lease.format('$3')}"
+            f" lease_until = {lease.format('$3')}, pending_reason = 'in_flight'"
             " WHERE key = $1 AND status = 'pending'"
             " AND (lease_until IS NULL OR lease_until < now() OR owner = $2) RETURNING token")
         self.release = (f"UPDATE {r} SET owner = NULL, lease_until = NULL"
@@ -1140,7 +1206,8 @@ class _Statements:
             f"WITH expired AS (SELECT key FROM {r} WHERE status = 'pending'"
             " AND lease_until < now() ORDER BY lease_until LIMIT $3 FOR UPDATE SKIP LOCKED)"
             f" UPDATE {r} AS r SET owner = $1, token = nextval('{schema}.tokens'),"
-            f" lease_until = {lease.format('$2')} FROM expired WHERE r.key = expired.key"
+            f" lease_until = {lease.format('$2')}, pending_reason = 'in_flight'"
+            " FROM expired WHERE r.key = expired.key"
             " RETURNING r.key, r.token")
         self.owned = (f"SELECT key, token FROM {r} WHERE status = 'pending'"
                       " AND lease_until > now() AND owner = $1")
