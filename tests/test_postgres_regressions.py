@@ -2,9 +2,10 @@
 journal, one test per defect, each checked against the channels' ledger.
 
 Every test here failed (or hung, bounded by ``asyncio.wait_for``) before the fixes of
-commit 68e6e29.  Two journals with different ``instance`` names on one schema are two
-service instances; a fault-injecting TCP proxy stands between a journal and the server
-where a test needs the connection to fail.
+commit 68e6e29 (the first review) or d76ff74 (the second: the tests from k20 on).  Two
+journals with different ``instance`` names on one schema are two service instances; a
+fault-injecting TCP proxy stands between a journal and the server where a test needs
+the connection to fail.
 """
 
 from __future__ import annotations
@@ -523,3 +524,266 @@ async def test_a_writer_survives_an_unexpected_driver_error_when_a_transaction_s
         assert await asyncio.wait_for(journal.load("k"), 5) == record
     finally:
         await journal.close()
+
+
+# ---- the second review (commit d76ff74): threads that outlive a drive, slow commits,
+# ---- stale joins, operations left unanswered by close() --------------------------------
+
+
+async def _submitted(card: BlockingChannel) -> None:
+    """Returns once ``card``'s submit has started on its thread."""
+
+    async def started() -> bool:
+        return bool(card.submits)
+
+    assert await _until(started, 5)
+
+
+async def _settled(router: failover.Router, key: str, timeout_s: float) -> bool:
+    """Whether ``router`` sees ``key`` settled (not PENDING) within ``timeout_s``."""
+
+    async def settled() -> bool:
+        result = await router.get(key)
+        return result is not None and result.status is not RepaymentStatus.PENDING
+
+    return await _until(settled, timeout_s)
+
+
+async def _assert_collected_once_on_the_card(b: Instance, card: BlockingChannel,
+                                             ledger: Ledger, key: str) -> None:
+    """After the test let ``card``'s hung thread collect: B (whose channels know nothing
+    of that thread) settles ``key`` by a query, one collection, never on the wallet."""
+    await asyncio.wait_for(asyncio.to_thread(card.ended.wait, 5), 6)
+    assert await _settled(b.router, key, 5)
+    assert 1 == len(ledger.collections(key)), ledger.collections(key)
+    assert [] == b.wallet.submits
+    final = await b.router.get(key)
+    assert final is not None
+    assert (RepaymentStatus.SUCCEEDED, "card") == (final.status, final.channel)
+
+
+async def test_reopening_a_router_keeps_a_repayment_whose_thread_still_runs(
+        instances, ledger):
+    """Takeover while a submit can still collect, after a reopen: A closed and reopened
+    its router while a plain-def submit ran on; recovery took the key, found it still
+    in the air and released its lease, so B took it over, saw NOT_FOUND and collected on
+    the wallet, then A's thread collected on the card: two collections."""
+    card = BlockingChannel("card", ledger)
+    try:
+        a = await instances("a", card=card, timeout_s=0.5)
+        b = await instances("b", timeout_s=0.5)  # an async card: no share in A's thread
+        first = await asyncio.wait_for(a.router.repay(repayment("k20")), 5)
+        assert RepaymentStatus.PENDING == first.status
+        await asyncio.wait_for(a.router.close(grace_s=0.1), 5)
+        await asyncio.wait_for(a.router.open(), 5)
+        await asyncio.wait_for(a.router.wait_recovered(), 5)
+        await asyncio.wait_for(b.router.reconcile(), 5)  # as B's background loop would
+        card.release.set()  # the hung call ends: the card collects
+        await _assert_collected_once_on_the_card(b, card, ledger, "k20")
+    finally:
+        card.release.set()
+
+
+SLOW_COMMIT = """
+CREATE SEQUENCE {s}.slow_once;
+CREATE FUNCTION {s}.slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE until timestamptz := clock_timestamp() + interval '3 seconds';
+BEGIN
+  IF NEW.status = 'succeeded' AND nextval('{s}.slow_once') = 1 THEN
+    WHILE clock_timestamp() < until LOOP
+      BEGIN PERFORM pg_sleep(0.05); EXCEPTION WHEN query_canceled THEN NULL; END;
+    END LOOP;
+  END IF;
+  RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER slow_commit AFTER UPDATE ON {s}.repayments
+  DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {s}.slow_commit();
+"""
+"""The first COMMIT that makes a repayment SUCCEEDED takes 3 s on the server (an fsync
+stall, synchronous replication) and ignores the client's cancel: longer than the
+client's 2 s command timeout."""
+
+
+async def test_a_slow_commit_is_read_back_once_its_session_has_ended(
+        instances, ledger, postgres_dsn, pg_schema, caplog):
+    """Read-back racing its own write: A's finish COMMIT was slow, not lost; A timed it
+    out and read back while the old session still committed, saw the row pending,
+    wrote the finish again, hit the guard ("terminal: succeeded") and raised
+    JournalError to its caller although the card collected and the row is SUCCEEDED."""
+    a = await instances("a", lease_s=3.0)  # a 2 s command timeout
+    import asyncpg
+
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        await conn.execute(SLOW_COMMIT.format(s=pg_schema))  # this test's schema only
+    finally:
+        await conn.close()
+
+    with caplog.at_level(logging.WARNING, logger="failover.journal"):
+        result = await asyncio.wait_for(a.router.repay(repayment("k21")), 9)
+
+    assert any("reading back" in r.getMessage() for r in caplog.records)  # it was slow
+    assert (RepaymentStatus.SUCCEEDED, "card") == (result.status, result.channel)
+    final = await a.router.get("k21")
+    assert final is not None
+    assert (RepaymentStatus.SUCCEEDED, result.channel_reference) == (
+        final.status, final.channel_reference)
+    assert 1 == len(ledger.collections("k21"))
+    assert [] == a.wallet.submits
+
+
+@pytest.mark.parametrize("grace_s", [0.0, 1.0])
+async def test_a_thread_cancelled_within_its_timeout_keeps_the_repayment_from_takeover(
+        grace_s, instances, ledger):
+    """Takeover while a submit can still collect, cancelled mid-call: A closed its
+    router while a plain-def submit was still within its timeout; the cancelled drive
+    let the lease lapse (the key was pinned only once a call outlived its timeout), so
+    B took over, saw NOT_FOUND and collected on the wallet, then A's thread collected
+    on the card: two collections."""
+    card = BlockingChannel("card", ledger)
+    caller: asyncio.Future[Any] | None = None
+    try:
+        # The lease must exceed the timeout: close() cancels the call within both.
+        a = await instances("a", card=card, timeout_s=2.0, lease_s=3.0)
+        b = await instances("b", timeout_s=2.0, lease_s=3.0, background=True)
+        caller = asyncio.ensure_future(a.router.repay(repayment("k22")))
+        await _submitted(card)
+        await asyncio.sleep(0.3)  # the card call is within its 2 s timeout
+        await asyncio.wait_for(a.router.close(grace_s=grace_s), 5)
+        with contextlib.suppress(failover.FailoverError):
+            await asyncio.wait_for(caller, 5)
+        await asyncio.sleep(3.5)  # past A's lease and B's sweep
+        card.release.set()  # the hung call ends: the card collects
+        await _assert_collected_once_on_the_card(b, card, ledger, "k22")
+    finally:
+        card.release.set()
+        if caller is not None:
+            caller.cancel()
+
+
+async def test_a_database_blip_as_a_thread_outlives_its_timeout_keeps_the_repayment(
+        instances, ledger, postgres_dsn, proxy):
+    """Takeover while a submit can still collect, after a blip: the database was
+    unreachable for A just as its plain-def submit outlived its timeout; the drive ended
+    on a JournalError before the key was pinned and let the lease lapse, so once the
+    database was back B took over, saw NOT_FOUND and collected on the wallet, then A's
+    thread collected on the card: two collections."""
+    card = BlockingChannel("card", ledger)
+    try:
+        a = await instances("a", card=card, dsn=proxy.dsn(postgres_dsn), timeout_s=0.5)
+        b = await instances("b", timeout_s=0.5, background=True)
+        caller = asyncio.ensure_future(a.router.repay(repayment("k23")))
+        await _submitted(card)
+        await asyncio.sleep(0.35)
+        proxy.cut()  # the database is unreachable for A ...
+        with contextlib.suppress(failover.FailoverError):
+            await asyncio.wait_for(caller, 5)
+        await asyncio.sleep(0.6)
+        proxy.heal()  # ... for about a second
+        await asyncio.sleep(2.8)  # past A's lease and B's sweep
+        card.release.set()  # the hung call ends: the card collects
+        # Once the thread has ended, A lets the lease lapse (its drive died): B's sweep
+        # takes the key over and settles it by a query, with nobody's help.
+        await _assert_collected_once_on_the_card(b, card, ledger, "k23")
+    finally:
+        card.release.set()
+
+
+class SilentCard(LedgerChannel):
+    """A card whose submits collect nothing and answer a timeout."""
+
+    async def submit(self, request: failover.ChannelRequest) -> failover.ChannelResult:
+        self.submits.append(request.reference)
+        return failover.ChannelResult.unknown("timeout")
+
+
+async def test_a_second_instance_joins_the_drive_of_an_owner_that_took_a_pending_key(
+        instances, ledger):
+    """Stale join: A's reconcile had taken a PENDING repayment (awaiting its card) and
+    was driving it on to the wallet; B's repay of the key, which must join the owner's
+    result, returned the stored PENDING at once, while A ended it SUCCEEDED."""
+    a = await instances("a", card=SilentCard("card", ledger, idempotent=False))
+    b = await instances("b", card=SilentCard("card", ledger, idempotent=False))
+    a.card.query_unknown = True
+    first = await asyncio.wait_for(a.router.repay(repayment("k24")), 5)
+    assert RepaymentStatus.PENDING == first.status
+    a.card.query_unknown = False  # the card heals: NOT_FOUND, so on to the wallet
+    a.wallet.gate = asyncio.Event()
+    reconciled = asyncio.ensure_future(a.router.reconcile())
+    try:
+        await asyncio.wait_for(a.wallet.entered.wait(), 5)  # A owns it and drives it
+        joined = asyncio.ensure_future(b.router.repay(repayment("k24")))
+        await asyncio.sleep(0.5)
+        a.wallet.gate.set()
+        [owners] = await asyncio.wait_for(reconciled, 5)
+        result = await asyncio.wait_for(joined, 5)
+    finally:
+        a.wallet.gate.set()
+
+    assert (RepaymentStatus.SUCCEEDED, "wallet") == (owners.status, owners.channel)
+    assert (owners.status, owners.channel_reference) == (
+        result.status, result.channel_reference)
+    assert 1 == len(ledger.collections("k24"))
+    assert [] == b.card.submits == b.wallet.submits
+
+
+async def test_closing_a_blocking_router_keeps_the_repayment_its_thread_still_runs(
+        instances, ledger, postgres_dsn, pg_schema):
+    """Takeover while a submit can still collect, behind a BlockingRouter: closing it
+    cancelled every task left on its loop, the keeper that renews the lease of a
+    running plain-def submit included, so B took over, saw NOT_FOUND and collected on
+    the wallet, then A's thread collected on the card: two collections."""
+    card = BlockingChannel("card", ledger)
+    journal = failover.PostgresJournal(
+        postgres_dsn, schema=pg_schema, instance=f"a-{secrets.token_hex(3)}", lease_s=2.0,
+        migrate=True, connect_timeout_s=1)
+    a = failover.BlockingRouter([card, LedgerChannel("wallet", ledger)], journal,
+                                config(0.5), background=False)
+    try:
+        await asyncio.wait_for(asyncio.to_thread(a.open), 5)
+        b = await instances("b", timeout_s=0.5, background=True)
+        first = await asyncio.wait_for(asyncio.to_thread(a.repay, repayment("k25")), 5)
+        assert RepaymentStatus.PENDING == first.status
+        await asyncio.wait_for(asyncio.to_thread(a.close, grace_s=0.1), 5)
+        await asyncio.sleep(2.8)  # past A's lease and B's sweep
+        card.release.set()  # the hung call ends: the card collects
+        await _assert_collected_once_on_the_card(b, card, ledger, "k25")
+    finally:
+        card.release.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.to_thread(a.close, grace_s=0), 5)
+
+
+async def test_close_answers_an_operation_queued_behind_a_read_back(
+        instances, ledger, postgres_dsn):
+    """Unanswered operation: a get() queued on a writer busy reading back a write whose
+    connection died was never answered once close() stopped that writer, and hung even
+    after the database came back."""
+    target = urlsplit(postgres_dsn)
+    blackhole = await BlackholeProxy(target.hostname or "127.0.0.1",
+                                     target.port or 5432).start()
+    tasks: list[asyncio.Future[Any]] = []
+    try:
+        # One writer: the get() is queued on the lane of the repay.
+        a = await instances("a", dsn=blackhole.dsn(postgres_dsn), lease_s=3.0, writers=1)
+        blackhole.freeze_at_commit()
+        tasks.append(asyncio.ensure_future(a.router.repay(repayment("k26"))))
+        await asyncio.sleep(0.3)  # its intent's COMMIT went nowhere
+        assert 1 == blackhole.frozen_commits
+        get = asyncio.ensure_future(a.router.get("k27"))
+        tasks.append(get)
+        await asyncio.sleep(0.1)
+        blackhole.cut()  # the database goes away: the writer reads back
+        await asyncio.sleep(0.5)
+        await asyncio.wait_for(a.router.close(grace_s=0), 5)
+        blackhole.heal()  # and comes back
+
+        done, _ = await asyncio.wait([get], timeout=3)
+
+        assert get in done
+        assert isinstance(get.exception(), failover.FailoverError), get.exception()
+        assert [] == ledger.collections("k26") == ledger.collections("k27")
+    finally:
+        for task in tasks:
+            task.cancel()
+        await blackhole.stop()

@@ -276,6 +276,8 @@ class PostgresJournal:
         self.command_timeout_s = max(2.0, self.lease_s / 4)
         """A statement answered later than this is a connection fault (read back)."""
         self._held: dict[str, _Held] = {}
+        self._lapsing: set[str] = set()
+        """Held keys whose drive ended while a thread of them ran: let lapse once it ends."""
         self._lanes: list[_Lane] = []
         """The writers: each a connection and a queue; a key's writes all go through one
         (``_lane``), so two transactions of this instance never wait on each other's row
@@ -706,9 +708,12 @@ class PostgresJournal:
         lease runs out and whichever instance sweeps it first resumes it."""
         if not self._pinned(key):
             self._held.pop(key, None)
+        elif key in self._held:
+            self._lapsing.add(key)  # kept while its thread runs, then let lapse
 
     def _take(self, key: str, token: int, sent: float) -> None:
         self._held[key] = _Held(token, sent + self.lease_s)
+        self._lapsing.discard(key)  # driven again
 
     def _token(self, key: str) -> int:
         """This instance's token for ``key``; -1 (no row has it) if it does not own it,
@@ -773,6 +778,10 @@ class PostgresJournal:
         while True:
             await asyncio.sleep(self.lease_s / 4)
             await self._listen()
+            for key in list(self._lapsing):
+                if key not in self._held or not self._pinned(key):
+                    self._lapsing.discard(key)
+                    self._held.pop(key, None)
             due = [key for key, held in self._held.items()
                    if held.expires - time.monotonic() < self.lease_s * 0.75]
             if not due:
@@ -831,7 +840,11 @@ class PostgresJournal:
 
     async def release(self, key: str) -> None:
         if self._pinned(key):
-            return  # a thread of it still runs here: kept, renewed
+            # A thread of it still runs here: kept and renewed until it ends, then let
+            # lapse (whoever sweeps it first settles what the thread did).
+            if key in self._held:
+                self._lapsing.add(key)
+            return
         held = self._held.pop(key, None)
         if held is None:
             return
