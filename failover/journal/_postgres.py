@@ -177,8 +177,8 @@ def is_dsn(target: object) -> bool:
     return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
 
 
-_PINS: dict[tuple[str, str, str], list[Callable[[], bool]]] = {}
-"""(dsn, schema, key) -> checks of the plain-``def`` submits of it still running in this
+_PINS: dict[tuple[str, str], list[Callable[[], bool]]] = {}
+"""(schema, key) -> checks of the plain-``def`` submits of it still running in this
 process (``PostgresJournal.pin``)."""
 _PINS_LOCK = threading.Lock()
 
@@ -410,6 +410,13 @@ class PostgresJournal:
         if self._renewer is not None:
             self._renewer.cancel()
             self._renewer = None
+        pinned = {key: held.token for key, held in self._held.items() if self._pinned(key)}
+        if pinned:
+            # Started first, so no renewal is missed while the writers drain; on a thread
+            # and a loop of its own: a service that stops its event loop (or a
+            # BlockingRouter's) must not stop the renewals while the threads still run.
+            threading.Thread(target=asyncio.run, args=(self._keep(pinned),), daemon=True,
+                             name=f"failover-keeper:{self.path}").start()
         # What is queued is written; a writer stuck on a dead server is not waited for.
         tasks = [lane.task for lane in lanes if lane.task is not None]
         with contextlib.suppress(BaseException):
@@ -429,13 +436,8 @@ class PostgresJournal:
                 item = lane.queue.get_nowait()
                 if item is not None:
                     _fail(item.future, closed)
-        pinned = {key: held.token for key, held in self._held.items() if self._pinned(key)}
-        if pinned:
-            # On a thread and a loop of its own: a service that stops its event loop (or
-            # a BlockingRouter's) must not stop the renewals while the threads still run.
-            threading.Thread(target=asyncio.run, args=(self._keep(pinned),), daemon=True,
-                             name=f"failover-keeper:{self.path}").start()
         self._held.clear()
+        self._lapsing.clear()
         for conn in (*(lane.conn for lane in lanes), self._listener):
             if conn is not None:
                 with contextlib.suppress(Exception):
@@ -452,22 +454,26 @@ class PostgresJournal:
     async def _keep(self, pinned: dict[str, int]) -> None:
         """After ``close()``: renew the leases of pinned keys (their threads still run)
         on a connection of its own, until no thread of them runs (or another opening
-        holds them under a new token)."""
+        holds them under a new token).  No drive of them is left here, so they are marked
+        as waiting on their channel: a second caller of the key gets that, not a wait."""
         conn: asyncpg.Connection | None = None
-        retryable: tuple[type[BaseException], ...] = (JournalError, *self._errors)
         try:
             while keys := [key for key in pinned if self._pinned(key)]:
                 try:
                     if conn is None or conn.is_closed():
                         conn = await self._connect()
                     kept = {row[0] for row in await conn.fetch(
-                        self._sql.renew, keys, [pinned[k] for k in keys], self.lease_s)}
+                        self._sql.renew_waiting, keys, [pinned[k] for k in keys],
+                        self.lease_s)}
                     for key in keys:
                         if key not in kept:
                             del pinned[key]  # held under a new token, or ended
-                except retryable as exc:
+                except Exception as exc:  # whatever it is, try again on a new connection
                     _log.warning("journal %s: cannot renew the leases of running threads:"
                                  " %s", self.path, exc)
+                    if conn is not None:
+                        with contextlib.suppress(Exception):
+                            conn.terminate()
                     conn = None
                 await asyncio.sleep(self.lease_s / 4)
         finally:
@@ -647,7 +653,7 @@ class PostgresJournal:
                 if time.monotonic() >= deadline:
                     for left in pending:
                         if left.key is not None:
-                            self._held.pop(left.key, None)  # its lease expires; taken over
+                            self.let_lapse(left.key)  # its lease expires; taken over
                         _fail(left.future, JournalError(
                             f"journal {self.path}: the database did not come back within"
                             f" {self.fate_timeout_s:g} s; a write's fate is unknown"))
@@ -689,18 +695,19 @@ class PostgresJournal:
         ``running()``: until it ends, this process keeps ``key``'s lease (renewed even
         past ``close()``, never released or let lapse), so no other instance takes the
         repayment over while that thread can still collect.  Pins are process-wide (any
-        journal object on the same schema sees them) and clear themselves."""
+        journal object on a schema of that name sees them, however its DSN is spelled:
+        holding too long is safe, letting go too soon is not) and clear themselves."""
         with _PINS_LOCK:
-            _PINS.setdefault((self.dsn, self.schema, key), []).append(running)
+            _PINS.setdefault((self.schema, key), []).append(running)
 
     def _pinned(self, key: str) -> bool:
         with _PINS_LOCK:
-            checks = _PINS.get((self.dsn, self.schema, key))
+            checks = _PINS.get((self.schema, key))
             if checks is None:
                 return False
             checks[:] = [check for check in checks if check()]
             if not checks:
-                del _PINS[(self.dsn, self.schema, key)]
+                del _PINS[(self.schema, key)]
             return bool(checks)
 
     def let_lapse(self, key: str) -> None:
@@ -742,7 +749,7 @@ class PostgresJournal:
         if key not in self._held:
             raise OwnershipLost(key)
 
-    async def _renew(self, keys: Sequence[str]) -> None:
+    async def _renew(self, keys: Sequence[str], waiting: bool = False) -> None:
         """Renew the leases of ``keys``: one statement per writer lane, each on the lane
         its keys' other writes use (so no two transactions of this instance lock the
         same rows in different orders)."""
@@ -752,11 +759,12 @@ class PostgresJournal:
             held = self._held.get(key)
             if held is not None:
                 by_lane.setdefault(hash(key) % lanes, []).append((key, held.token))
-        await asyncio.gather(*(self._renew_lane(pairs) for pairs in by_lane.values()))
+        await asyncio.gather(*(self._renew_lane(pairs, waiting)
+                               for pairs in by_lane.values()))
 
-    async def _renew_lane(self, pairs: list[tuple[str, int]]) -> None:
+    async def _renew_lane(self, pairs: list[tuple[str, int]], waiting: bool) -> None:
         sent = time.monotonic()
-        sql = self._sql.renew
+        sql = self._sql.renew_waiting if waiting else self._sql.renew
 
         async def apply(conn: asyncpg.Connection) -> set[str]:
             rows = await conn.fetch(sql, [k for k, _ in pairs], [t for _, t in pairs],
@@ -782,11 +790,13 @@ class PostgresJournal:
                 if key not in self._held or not self._pinned(key):
                     self._lapsing.discard(key)
                     self._held.pop(key, None)
+            lapsing = [key for key in self._lapsing if key in self._held]
             due = [key for key, held in self._held.items()
-                   if held.expires - time.monotonic() < self.lease_s * 0.75]
-            if not due:
-                continue
+                   if held.expires - time.monotonic() < self.lease_s * 0.75
+                   and key not in self._lapsing]
             try:
+                if lapsing:  # no drive of them left: marked as waiting on their channel
+                    await self._renew(lapsing, waiting=True)
                 for start in range(0, len(due), 5000):
                     await self._renew(due[start:start + 5000])
             except JournalError as exc:
@@ -1215,6 +1225,8 @@ class _Statements:
             " FROM unnest($1::text[], $2::bigint[]) AS h(key, token)"
             " WHERE r.key = h.key AND r.token = h.token AND r.status = 'pending'"
             " RETURNING r.key")
+        self.renew_waiting = self.renew.replace(
+            "SET lease_until", "SET pending_reason = 'awaiting_channel', lease_until")
         self.sweep = (
             f"WITH expired AS (SELECT key FROM {r} WHERE status = 'pending'"
             " AND lease_until < now() ORDER BY lease_until LIMIT $3 FOR UPDATE SKIP LOCKED)"
