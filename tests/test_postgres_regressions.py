@@ -1,8 +1,9 @@
-"""Regressions found by an adversarial review of several instances on one PostgreSQL
-journal, one test per defect, each checked against the channels' ledger.
+"""Regressions found by adversarial reviews (and the chaos test) of several instances on
+one PostgreSQL journal, one test per defect, each checked against the channels' ledger.
 
 Every test here failed (or hung, bounded by ``asyncio.wait_for``) before the fixes of
-commit 68e6e29 (the first review) or d76ff74 (the second: the tests from k20 on).  Two
+commit 68e6e29 (the first review), d76ff74 (the second: the tests from k20 on) or
+bcdc594 (the third: from k28 on), or of the commit named in its docstring.  Two
 journals with different ``instance`` names on one schema are two service instances; a
 fault-injecting TCP proxy stands between a journal and the server where a test needs
 the connection to fail.
@@ -787,3 +788,172 @@ async def test_close_answers_an_operation_queued_behind_a_read_back(
         for task in tasks:
             task.cancel()
         await blackhole.stop()
+
+
+async def test_a_write_given_up_after_fate_timeout_keeps_a_pinned_repayment(
+        instances, ledger, postgres_dsn, proxy):
+    """Takeover while a submit can still collect, after a lost COMMIT answer: A's
+    plain-def submit outlived its timeout (the key pinned); the COMMIT answer of its
+    next write was lost and the database stayed away longer than fate_timeout_s, so
+    giving that write up dropped the key from the held set ignoring the pin, nothing
+    renewed the lease, B took over, saw NOT_FOUND and collected on the wallet, then A's
+    thread collected on the card: two collections."""
+    card = BlockingChannel("card", ledger)
+    caller: asyncio.Future[Any] | None = None
+    try:
+        a = await instances("a", card=card, dsn=proxy.dsn(postgres_dsn), timeout_s=0.5,
+                            lease_s=4.0, fate_timeout_s=1.5)
+        b = await instances("b", timeout_s=0.5, lease_s=4.0, background=True)
+        caller = asyncio.ensure_future(a.router.repay(repayment("k28")))
+        await _submitted(card)
+        await asyncio.sleep(0.4)  # the thread is about to outlive its 0.5 s timeout
+        proxy.drop_at_commit(after=True)  # the next COMMIT's answer is lost ...
+
+        async def dropped() -> bool:
+            return proxy.dropped_commits > 0
+
+        assert await _until(dropped, 3)
+        proxy.cut()  # ... and the database stays away, past fate_timeout_s
+        await asyncio.sleep(2.0)
+        proxy.heal()
+        with contextlib.suppress(failover.FailoverError):
+            await asyncio.wait_for(caller, 5)
+        await asyncio.sleep(2.5)  # past A's last lease and B's sweep
+        pending = await b.router.get("k28")
+        assert pending is not None
+        assert RepaymentStatus.PENDING == pending.status  # A's thread still runs
+        card.release.set()  # the hung call ends: the card collects
+        await _assert_collected_once_on_the_card(b, card, ledger, "k28")
+    finally:
+        card.release.set()
+        if caller is not None:
+            caller.cancel()
+
+
+async def test_a_joiner_of_a_closed_owners_running_thread_gets_an_answer(
+        instances, ledger):
+    """Unbounded join on a closed owner: A was closed while its plain-def submit was
+    within its timeout; the row stayed marked in flight, so B's repay of the key joined
+    a drive that no longer existed anywhere and waited as long as A's thread hung,
+    instead of answering PENDING."""
+    card = BlockingChannel("card", ledger)
+    caller: asyncio.Future[Any] | None = None
+    try:
+        a = await instances("a", card=card, timeout_s=2.0, lease_s=3.0)
+        b = await instances("b", timeout_s=2.0, lease_s=3.0, background=True)
+        caller = asyncio.ensure_future(a.router.repay(repayment("k29")))
+        await _submitted(card)
+        await asyncio.sleep(0.3)  # the card call is within its 2 s timeout
+        await asyncio.wait_for(a.router.close(grace_s=0.1), 5)
+        with contextlib.suppress(failover.FailoverError):
+            await asyncio.wait_for(caller, 5)
+
+        joined = await asyncio.wait_for(b.router.repay(repayment("k29")), 4)
+
+        assert RepaymentStatus.PENDING == joined.status
+        assert [] == b.card.submits == b.wallet.submits
+        card.release.set()  # the hung call ends: the card collects
+        await _assert_collected_once_on_the_card(b, card, ledger, "k29")
+    finally:
+        card.release.set()
+        if caller is not None:
+            caller.cancel()
+
+
+def _respelled(dsn: str) -> str:
+    """``dsn`` spelled differently, the same database."""
+    for one, other in (("postgresql://", "postgres://"), ("postgres://", "postgresql://")):
+        if dsn.startswith(one):
+            return other + dsn[len(one):]
+    raise AssertionError(dsn)
+
+
+async def test_a_router_reopened_on_a_respelled_dsn_keeps_a_running_threads_repayment(
+        instances, ledger, postgres_dsn, pg_schema):
+    """Takeover while a submit can still collect, pins keyed on the DSN's spelling: A
+    was rebuilt in-process under its instance name with the same database spelled
+    differently; its recovery did not see the pin of the still-running plain-def submit
+    and released the lease, so B took over, saw NOT_FOUND and collected on the wallet,
+    then A's thread collected on the card: two collections."""
+    card = BlockingChannel("card", ledger)
+    reopened: failover.Router | None = None
+    try:
+        a = await instances("a", card=card, timeout_s=0.5, lease_s=3.0)
+        b = await instances("b", timeout_s=0.5, lease_s=3.0)  # no share in A's thread
+        first = await asyncio.wait_for(a.router.repay(repayment("k30")), 5)
+        assert RepaymentStatus.PENDING == first.status
+        await asyncio.wait_for(a.router.close(grace_s=0.1), 5)
+        journal = failover.PostgresJournal(
+            _respelled(postgres_dsn), schema=pg_schema, instance=a.journal.instance,
+            lease_s=3.0, migrate=True, connect_timeout_s=1)
+        reopened = failover.Router([BlockingChannel("card", ledger),
+                                    LedgerChannel("wallet", ledger)], journal, config(0.5),
+                                   background=False)
+        await asyncio.wait_for(reopened.open(), 5)
+        await asyncio.wait_for(reopened.wait_recovered(), 5)
+        await asyncio.sleep(1.0)  # the closed journal's keeper is refused (stale token)
+        await asyncio.wait_for(b.router.reconcile(), 5)  # as B's background loop would
+        card.release.set()  # the hung call ends: the card collects
+        await asyncio.wait_for(asyncio.to_thread(card.ended.wait, 5), 6)
+        await asyncio.sleep(0.5)
+        assert 1 == len(ledger.collections("k30")), ledger.collections("k30")
+        assert [] == b.card.submits == b.wallet.submits
+    finally:
+        card.release.set()
+        if reopened is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(reopened.close(grace_s=0), 5)
+
+
+READ_ONLY_RENEWALS = """
+CREATE TABLE {s}.fault (on_ boolean NOT NULL);
+INSERT INTO {s}.fault VALUES (false);
+CREATE FUNCTION {s}.read_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF NEW.owner = '{owner}' AND (SELECT on_ FROM {s}.fault) THEN
+    RAISE EXCEPTION 'cannot execute UPDATE in a read-only transaction'
+      USING ERRCODE = 'read_only_sql_transaction';
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER read_only BEFORE UPDATE ON {s}.repayments
+  FOR EACH ROW EXECUTE FUNCTION {s}.read_only();
+"""
+"""While ``{s}.fault`` is on, an update of a row owned by ``{owner}`` fails as on a
+read-only server (SQLSTATE 25006, a plain server error, not a connection error), as
+during a switchover; only this test's schema is touched."""
+
+
+async def test_the_keeper_survives_a_server_error_and_keeps_the_repayment(
+        instances, ledger, postgres_dsn, pg_schema):
+    """Takeover while a submit can still collect, after a server error: the keeper
+    renewing a closed journal's pinned lease retried connection errors only; a renewal
+    refused by the server (read-only, as in a switchover) ended its thread for good, so
+    once the lease ran out B took over, saw NOT_FOUND and collected on the wallet, then
+    A's thread collected on the card: two collections."""
+    import asyncpg
+
+    card = BlockingChannel("card", ledger)
+    admin = await asyncpg.connect(postgres_dsn)
+    try:
+        a = await instances("a", card=card, timeout_s=0.5, lease_s=3.0)
+        b = await instances("b", timeout_s=0.5, lease_s=3.0, background=True)
+        await admin.execute(READ_ONLY_RENEWALS.format(s=pg_schema, owner=a.journal.instance))
+        first = await asyncio.wait_for(a.router.repay(repayment("k31")), 5)
+        assert RepaymentStatus.PENDING == first.status
+        await asyncio.wait_for(a.router.close(grace_s=0.1), 5)
+        await asyncio.sleep(0.3)  # the keeper renews
+        await admin.execute(f"UPDATE {pg_schema}.fault SET on_ = true")
+        await asyncio.sleep(1.5)  # the keeper's renewals are refused
+        await admin.execute(f"UPDATE {pg_schema}.fault SET on_ = false")
+        await asyncio.sleep(2.5)  # past A's last lease and B's sweep
+        pending = await b.router.get("k31")
+        assert pending is not None
+        assert RepaymentStatus.PENDING == pending.status  # A's thread still runs
+        card.release.set()  # the hung call ends: the card collects
+        await _assert_collected_once_on_the_card(b, card, ledger, "k31")
+    finally:
+        card.release.set()
+        with contextlib.suppress(Exception):
+            await admin.execute(f"UPDATE {pg_schema}.fault SET on_ = false")
+        await admin.close()
