@@ -493,8 +493,11 @@ def test_router_keeps_the_invariants_on_sqlite_journal():
     run_state_machine_as_test(SQLiteRouterMachine)
 
 
+@pytest.mark.slow
 def test_router_keeps_the_invariants_on_postgres_journal():
-    """The same state machine on PostgresJournal, a new journal object after each crash."""
+    """The same state machine on PostgresJournal, a new journal object after each crash
+    (profile ``standard``; marked slow: about a minute of commits, so .ci/run runs it in
+    its second step rather than in the README's test command)."""
     pg.require()
     run_state_machine_as_test(PostgresRouterMachine)
 
