@@ -225,9 +225,6 @@ def _channels(args: argparse.Namespace) -> int:
 DEFAULT_SCHEMA = "failover"
 
 
-_mask_dsn = mask_dsn
-
-
 @dataclass(frozen=True, slots=True)
 class _Target:
     """The journal a command works on: an SQLite file, or a PostgreSQL DSN and schema."""
@@ -245,7 +242,7 @@ class _Target:
 
     @property
     def label(self) -> str:
-        return _mask_dsn(self.text) if self.is_dsn else str(self.path)
+        return mask_dsn(self.text) if self.is_dsn else str(self.path)
 
     @property
     def described(self) -> str:
