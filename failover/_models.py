@@ -271,6 +271,92 @@ class Attempt:
 
 
 @dataclass(frozen=True, slots=True)
+class Skip:
+    """A channel the router passed over for a repayment, and why (journaled with the
+    repayment's ending, for the evidence report)."""
+
+    channel: str
+    reason: str
+    """``disabled``, ``limits``, ``maintenance``, ``breaker_open``, ``retry_budget`` or
+    ``ineligible``."""
+    at: datetime
+    round: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Correction:
+    """A journaled change of a terminal repayment, backed by a channel's answer: the
+    ending it replaced is kept here (DESIGN §4, invariant 4)."""
+
+    at: datetime
+    reason: str
+    """``late_collection``: a channel collected after the repayment ended."""
+    old_status: RepaymentStatus
+    old_channel: str | None
+    old_channel_reference: str | None
+    old_code: str | None
+    new_status: RepaymentStatus
+    new_channel: str | None
+    new_channel_reference: str | None
+    reference: str | None = None
+    """The reference of the collection the correction rests on."""
+    evidence: str | None = None
+    """What proved it: ``query`` (a status query) or ``callback`` (a provider's notice)."""
+
+
+class LateState(enum.StrEnum):
+    """Where the watch over one attempt that might still collect stands."""
+
+    WATCHING = "watching"
+    """Settled as not collected (``NOT_FOUND``, or never answered): re-queried on schedule."""
+    COLLECTED = "collected"
+    """A channel collected under this reference after all (a late collection)."""
+    CLEARED = "cleared"
+    """Still not collected at the end of the schedule: no longer watched."""
+
+
+class RefundState(enum.StrEnum):
+    """Where the reversal of a second collection stands."""
+
+    DUE = "due"
+    SENT = "sent"
+    """Journaled, then asked of the channel; no answer yet (or the process stopped)."""
+    UNKNOWN = "unknown"
+    """The channel's answer was lost: resolved by a query before anything else."""
+    REFUNDED = "refunded"
+    MANUAL = "manual"
+    """On the manual-refund list: the channel cannot refund, or refused."""
+
+
+@dataclass(frozen=True, slots=True)
+class LateCheck:
+    """One reference of a repayment that may still collect late, as the journal watches it.
+
+    Made when a repayment ends, for each attempt settled by ``NOT_FOUND`` or never
+    answered; ``state`` says whether money turned up, ``refund`` whether it was given back.
+    """
+
+    key: str
+    channel: str
+    reference: str
+    round: int
+    state: LateState
+    checks: int = 0
+    next_at: datetime | None = None
+    found_at: datetime | None = None
+    found_by: str | None = None
+    channel_reference: str | None = None
+    refund: RefundState | None = None
+    refund_reference: str | None = None
+    refund_code: str | None = None
+    refund_at: datetime | None = None
+
+    @property
+    def collected(self) -> bool:
+        return self.state is LateState.COLLECTED
+
+
+@dataclass(frozen=True, slots=True)
 class RepaymentResult:
     """Where a repayment stands, with every attempt made for it."""
 
@@ -288,7 +374,20 @@ class RepaymentResult:
     round: int = 1
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    corrections: tuple[Correction, ...] = ()
+    """Journaled changes of its ending, oldest first (the first keeps the original)."""
+    late: tuple[LateCheck, ...] = ()
+    """Late collections found for it and their refunds (filled by ``Router.get``)."""
 
     @property
     def is_terminal(self) -> bool:
         return self.status is not RepaymentStatus.PENDING
+
+
+@dataclass(frozen=True, slots=True)
+class Callback:
+    """A provider's asynchronous notice about one request, as an adapter's
+    ``parse_callback`` reads it from a webhook (after checking its signature)."""
+
+    reference: str
+    result: ChannelResult

@@ -10,22 +10,28 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Protocol
+from typing import Any, Protocol
 
 from failover._errors import IdempotencyConflict, UnknownRepayment
 from failover._models import (
     Attempt,
     ChannelResult,
+    Correction,
     JSONScalar,
+    LateCheck,
+    LateState,
     Outcome,
     PendingReason,
+    RefundState,
     Repayment,
     RepaymentResult,
     RepaymentStatus,
+    Skip,
 )
 
 
@@ -50,6 +56,8 @@ class Record:
     pending_reason: PendingReason | None = PendingReason.IN_FLIGHT
     pending_channel: str | None = None
     attempts: tuple[Attempt, ...] = ()
+    skips: tuple[Skip, ...] = ()
+    corrections: tuple[Correction, ...] = ()
 
     def result(self) -> RepaymentResult:
         pending = self.status is RepaymentStatus.PENDING
@@ -67,6 +75,7 @@ class Record:
             round=self.round,
             created_at=self.created_at,
             updated_at=self.updated_at,
+            corrections=self.corrections,
         )
 
     def check_same(self, repayment: Repayment) -> None:
@@ -201,9 +210,13 @@ class Journal(Protocol):
         self, key: str, round: int, status: RepaymentStatus, channel: str | None,
         channel_reference: str | None, code: str | None, now: datetime,
         *, attempt: tuple[int, ChannelResult] | None = None,
-        resolution: Resolution | None = None,
+        resolution: Resolution | None = None, skips: Sequence[Skip] = (),
     ) -> Record:
         """Make the repayment terminal; ``TerminalStateError`` if it already is.
+
+        ``skips`` (channels passed over) are added to the record's.  If the ended record
+        ``needs_watch``, the same write marks it for the late-collection watch
+        (``watched``).
 
         ``attempt`` (number, answer) and ``resolution`` are written in the same
         operation first, as ``finish_attempt`` and ``resolve_attempts`` would: the
@@ -265,6 +278,68 @@ class Journal(Protocol):
         keep owning ``key`` until then (even past ``close()``)."""
         ...
 
+    # ---- late collections, corrections, reminders (DESIGN §4, invariant 4) ----------
+
+    async def watched(self, limit: int) -> list[str]:
+        """Keys whose ending asked for a late-collection watch (``finish(watch=True)``)
+        not yet turned into ``LateCheck`` rows, oldest first."""
+        ...
+
+    async def start_watching(self, key: str, checks: Sequence[LateCheck]) -> None:
+        """Add ``checks`` for ``key`` (a reference already watched is kept as it stands)
+        and clear its watch, in one write."""
+        ...
+
+    async def due_late_checks(self, now: datetime, limit: int, claim_until: datetime
+                              ) -> list[LateCheck]:
+        """Up to ``limit`` checks whose ``next_at`` has come, each claimed until
+        ``claim_until`` (an instance that stops mid-check leaves it to the next)."""
+        ...
+
+    async def update_late_check(self, check: LateCheck, expect: LateCheck) -> bool:
+        """Write ``check`` if its row still stands as ``expect`` (state, refund, checks):
+        ``False`` if another instance moved it meanwhile."""
+        ...
+
+    async def late_checks(self, key: str | None = None, *, state: LateState | None = None,
+                          refund: RefundState | None = None) -> list[LateCheck]:
+        """Late-collection checks, by key, state or refund state (the manual-refund list:
+        ``refund=RefundState.MANUAL``)."""
+        ...
+
+    async def collected_late(self, check: LateCheck) -> bool:
+        """Record that ``check.reference`` collected after all (``state`` COLLECTED, with
+        ``found_at``, ``found_by`` and ``channel_reference``), adding the row if it was not
+        watched; ``False`` if it was known collected already."""
+        ...
+
+    async def correct(self, key: str, round: int, correction: Correction,
+                      displaced: LateCheck | None = None) -> Record:
+        """Change a terminal repayment's ending as ``correction`` says, if it still
+        stands at ``correction.old_*`` in ``round``; the correction is kept with it.
+        ``displaced`` (the collection it no longer rests on) is added, in the same write,
+        as a late collection to refund.  ``TerminalStateError`` if it moved meanwhile."""
+        ...
+
+    async def find_reference(self, channel: str, reference: str) -> str | None:
+        """The key of the repayment that sent ``reference`` to ``channel``."""
+        ...
+
+    async def due_between(self, since: datetime | None, until: datetime | None
+                          ) -> list[Record]:
+        """Repayments whose ``due_at`` falls in [``since``, ``until``), by due date."""
+        ...
+
+    async def at_risk(self, now: datetime, within_s: float) -> list[Record]:
+        """Repayments not collected whose ``due_at`` is after ``now`` and at most
+        ``within_s`` away (without their attempts)."""
+        ...
+
+    async def remind_once(self, key: str, threshold_s: float, now: datetime) -> bool:
+        """Note that ``key`` was reminded for ``threshold_s``; ``False`` if it already
+        was (by any instance, before any restart)."""
+        ...
+
 
 class SingleOwner:
     """Ownership for a journal one router owns whole: every repayment is its own."""
@@ -301,3 +376,98 @@ class SingleOwner:
 
     def pin(self, key: str, running: Callable[[], bool]) -> None:
         return None
+
+
+def skips_json(skips: Sequence[Skip]) -> list[dict[str, object]]:
+    return [{"channel": s.channel, "reason": s.reason, "at": s.at.isoformat(),
+             "round": s.round} for s in skips]
+
+
+def skips_from(data: object) -> tuple[Skip, ...]:
+    if not data:
+        return ()
+    items = json.loads(data) if isinstance(data, str) else data
+    return tuple(Skip(i["channel"], i["reason"], datetime.fromisoformat(i["at"]), i["round"])
+                 for i in items)  # type: ignore[union-attr]
+
+
+def correction_json(c: Correction) -> dict[str, object]:
+    return {"at": c.at.isoformat(), "reason": c.reason, "old_status": c.old_status.value,
+            "old_channel": c.old_channel, "old_channel_reference": c.old_channel_reference,
+            "old_code": c.old_code, "new_status": c.new_status.value,
+            "new_channel": c.new_channel, "new_channel_reference": c.new_channel_reference,
+            "reference": c.reference, "evidence": c.evidence}
+
+
+def corrections_from(data: object) -> tuple[Correction, ...]:
+    if not data:
+        return ()
+    items = json.loads(data) if isinstance(data, str) else data
+    return tuple(Correction(
+        at=datetime.fromisoformat(i["at"]), reason=i["reason"],
+        old_status=RepaymentStatus(i["old_status"]), old_channel=i["old_channel"],
+        old_channel_reference=i["old_channel_reference"], old_code=i["old_code"],
+        new_status=RepaymentStatus(i["new_status"]), new_channel=i["new_channel"],
+        new_channel_reference=i["new_channel_reference"], reference=i.get("reference"),
+        evidence=i.get("evidence")) for i in items)  # type: ignore[union-attr]
+
+
+def late_check_row(c: LateCheck) -> tuple[object, ...]:
+    """The columns of a ``late_checks`` row, in ``LATE_COLUMNS`` order (times as given)."""
+    return (c.key, c.channel, c.reference, c.round, c.state.value, c.checks, c.next_at,
+            c.found_at, c.found_by, c.channel_reference,
+            None if c.refund is None else c.refund.value, c.refund_reference, c.refund_code,
+            c.refund_at)
+
+
+LATE_COLUMNS = ("key, channel, reference, round, state, checks, next_at, found_at, found_by,"
+                " channel_reference, refund, refund_reference, refund_code, refund_at")
+
+
+def late_check_from(row: Sequence[Any], parse: Callable[[object], datetime | None]
+                    ) -> LateCheck:
+    return LateCheck(
+        key=str(row[0]), channel=str(row[1]), reference=str(row[2]),
+        round=int(row[3]), state=LateState(row[4]), checks=int(row[5]),
+        next_at=parse(row[6]), found_at=parse(row[7]),
+        found_by=None if row[8] is None else str(row[8]),
+        channel_reference=None if row[9] is None else str(row[9]),
+        refund=None if row[10] is None else RefundState(row[10]),
+        refund_reference=None if row[11] is None else str(row[11]),
+        refund_code=None if row[12] is None else str(row[12]), refund_at=parse(row[13]))
+
+
+_COLLECTED = Outcome.SUCCEEDED
+_UNANSWERED = (None, Outcome.UNKNOWN, Outcome.NOT_FOUND)
+
+
+def may_collect_late(attempt: Attempt) -> bool:
+    """An attempt settled by ``NOT_FOUND`` or never answered: the channel may still
+    apply it (a provider's queue, a process paused past its lease), so it is re-queried
+    after the repayment ends."""
+    return attempt.resolution is Outcome.NOT_FOUND or (
+        attempt.resolution is None and attempt.outcome in _UNANSWERED)
+
+
+def needs_watch(record: Record) -> bool:
+    """Whether an ended repayment has attempts to watch for late collections: one that
+    may collect late, or one proven collected that is not the ending's own collection.
+    (``WATCH_SQL`` is the same rule for a journal that decides it in SQL.)"""
+    for attempt in record.attempts:
+        if may_collect_late(attempt):
+            return True
+        if _COLLECTED in (attempt.outcome, attempt.resolution) and not (
+                record.status is RepaymentStatus.SUCCEEDED
+                and attempt.channel == record.channel and attempt.round == record.round):
+            return True
+    return False
+
+
+WATCH_SQL = (
+    "EXISTS (SELECT 1 FROM {a} x WHERE x.key = {r}.key AND ("
+    "x.resolution = 'not_found'"
+    " OR (x.resolution IS NULL AND (x.outcome IS NULL OR x.outcome IN ('unknown', 'not_found')))"
+    " OR (('succeeded' IN (x.outcome, x.resolution)) AND NOT ({r}.status = 'succeeded'"
+    " AND x.channel IS NOT DISTINCT FROM {r}.channel AND x.round = {r}.round))))"
+)
+"""``needs_watch`` in SQL: ``{a}`` the attempts table, ``{r}`` the repayments row."""

@@ -5,16 +5,21 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from failover._errors import TerminalStateError, UnknownRepayment
 from failover._models import (
     Attempt,
     ChannelResult,
+    Correction,
+    LateCheck,
+    LateState,
     Outcome,
     PendingReason,
+    RefundState,
     Repayment,
     RepaymentStatus,
+    Skip,
 )
 from failover.journal._base import (
     Failover,
@@ -23,6 +28,7 @@ from failover.journal._base import (
     Resolution,
     SingleOwner,
     failovers_in,
+    needs_watch,
     new_record,
 )
 
@@ -37,6 +43,9 @@ class _Row:
     attempts: list[Attempt] = field(default_factory=list)
     ending: dict[str, object] = field(default_factory=dict)
     snapshot: Record | None = None
+    skips: tuple[Skip, ...] = ()
+    corrections: tuple[Correction, ...] = ()
+    watch: datetime | None = None
 
     def freeze(self) -> Record:
         if self.snapshot is None:
@@ -49,6 +58,7 @@ class _Row:
                 ending.get("code"),  # type: ignore[arg-type]
                 ending.get("pending_reason", base.pending_reason),  # type: ignore[arg-type]
                 ending.get("pending_channel"), tuple(self.attempts),  # type: ignore[arg-type]
+                self.skips, self.corrections,
             )
         return self.snapshot
 
@@ -63,6 +73,8 @@ class MemoryJournal(SingleOwner):
 
     def __init__(self) -> None:
         self._rows: dict[str, _Row] = {}
+        self._late: dict[tuple[str, str], LateCheck] = {}
+        self._reminded: set[tuple[str, float]] = set()
 
     async def open(self) -> None:
         return None
@@ -154,7 +166,7 @@ class MemoryJournal(SingleOwner):
         self, key: str, round: int, status: RepaymentStatus, channel: str | None,
         channel_reference: str | None, code: str | None, now: datetime,
         *, attempt: tuple[int, ChannelResult] | None = None,
-        resolution: Resolution | None = None,
+        resolution: Resolution | None = None, skips: Sequence[Skip] = (),
     ) -> Record:
         if attempt is not None:
             await self.finish_attempt(key, attempt[0], attempt[1], now)
@@ -165,8 +177,12 @@ class MemoryJournal(SingleOwner):
         row.status = status
         row.ending = {"channel": channel, "channel_reference": channel_reference, "code": code,
                       "pending_reason": None, "pending_channel": None}
+        row.skips += tuple(skips)
         row.touch(now)
-        return row.freeze()
+        record = row.freeze()
+        if row.watch is None and needs_watch(record):
+            row.watch = now
+        return record
 
     async def new_round(self, key: str, now: datetime) -> Record:
         row = self._get(key)
@@ -201,3 +217,92 @@ class MemoryJournal(SingleOwner):
         moves = [move for row in self._rows.values() for move in failovers_in(row.freeze())]
         moves.sort(key=lambda move: move.at, reverse=True)
         return moves[:limit]
+
+    # ---- late collections, corrections, reminders -----------------------------------
+
+    async def watched(self, limit: int) -> list[str]:
+        rows = sorted((row.watch, key) for key, row in self._rows.items()
+                      if row.watch is not None)
+        return [key for _, key in rows[:limit]]
+
+    async def start_watching(self, key: str, checks: Sequence[LateCheck]) -> None:
+        for check in checks:
+            self._late.setdefault((check.key, check.reference), check)
+        self._get(key).watch = None
+
+    async def due_late_checks(self, now: datetime, limit: int, claim_until: datetime
+                              ) -> list[LateCheck]:
+        due = sorted((c for c in self._late.values()
+                      if c.next_at is not None and c.next_at <= now),
+                     key=lambda c: (c.next_at, c.key, c.reference))[:limit]
+        for check in due:
+            self._late[(check.key, check.reference)] = dataclasses.replace(
+                check, next_at=claim_until)
+        return due
+
+    async def update_late_check(self, check: LateCheck, expect: LateCheck) -> bool:
+        current = self._late.get((check.key, check.reference))
+        if current is None or (current.state, current.refund, current.checks) != (
+                expect.state, expect.refund, expect.checks):
+            return False
+        self._late[(check.key, check.reference)] = check
+        return True
+
+    async def late_checks(self, key: str | None = None, *, state: LateState | None = None,
+                          refund: RefundState | None = None) -> list[LateCheck]:
+        return sorted((c for c in self._late.values()
+                       if (key is None or c.key == key) and (state is None or c.state is state)
+                       and (refund is None or c.refund is refund)),
+                      key=lambda c: (c.key, c.round, c.reference))
+
+    async def collected_late(self, check: LateCheck) -> bool:
+        self._get(check.key)
+        current = self._late.get((check.key, check.reference))
+        if current is not None and current.state is LateState.COLLECTED:
+            return False
+        self._late[(check.key, check.reference)] = check
+        return True
+
+    async def correct(self, key: str, round: int, correction: Correction,
+                      displaced: LateCheck | None = None) -> Record:
+        row = self._get(key)
+        ending = row.ending
+        if (row.status, row.round, ending.get("channel"), ending.get("channel_reference")) \
+                != (correction.old_status, round, correction.old_channel,
+                    correction.old_channel_reference):
+            raise TerminalStateError(key, row.status.value)
+        row.status = correction.new_status
+        row.ending = {"channel": correction.new_channel,
+                      "channel_reference": correction.new_channel_reference,
+                      "code": None, "pending_reason": None, "pending_channel": None}
+        row.corrections += (correction,)
+        if displaced is not None:
+            self._late.setdefault((displaced.key, displaced.reference), displaced)
+        row.touch(correction.at)
+        return row.freeze()
+
+    async def find_reference(self, channel: str, reference: str) -> str | None:
+        for key, row in self._rows.items():
+            if any(a.reference == reference and a.channel == channel for a in row.attempts):
+                return key
+        return None
+
+    async def due_between(self, since: datetime | None, until: datetime | None
+                          ) -> list[Record]:
+        found = [row.freeze() for row in self._rows.values()
+                 if (due := row.record.due_at) is not None
+                 and (since is None or due >= since) and (until is None or due < until)]
+        return sorted(found, key=lambda r: (r.due_at, r.key))
+
+    async def at_risk(self, now: datetime, within_s: float) -> list[Record]:
+        end = now + timedelta(seconds=within_s)
+        found = [row.freeze() for row in self._rows.values()
+                 if row.status is not RepaymentStatus.SUCCEEDED
+                 and (due := row.record.due_at) is not None and now < due <= end]
+        return sorted(found, key=lambda r: (r.due_at, r.key))
+
+    async def remind_once(self, key: str, threshold_s: float, now: datetime) -> bool:
+        if (key, threshold_s) in self._reminded:
+            return False
+        self._reminded.add((key, threshold_s))
+        return True

@@ -61,17 +61,36 @@ from failover._models import (
     SETTLING_SUBMIT_OUTCOMES,
     Attempt,
     ChannelResult,
+    Correction,
+    LateCheck,
+    LateState,
     Outcome,
     PendingReason,
+    RefundState,
     Repayment,
     RepaymentStatus,
+    Skip,
 )
-from failover.journal._base import Failover, JournalStats, Record, Resolution, new_record
+from failover.journal._base import (
+    LATE_COLUMNS,
+    WATCH_SQL,
+    Failover,
+    JournalStats,
+    Record,
+    Resolution,
+    correction_json,
+    corrections_from,
+    late_check_from,
+    late_check_row,
+    new_record,
+    skips_from,
+    skips_json,
+)
 
 if TYPE_CHECKING:
     import asyncpg
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _MAX_BATCH = 256
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,47}$")
 T = TypeVar("T")
@@ -143,6 +162,57 @@ END $$;
 CREATE TRIGGER guard BEFORE UPDATE ON {s}.repayments
 FOR EACH ROW EXECUTE FUNCTION {s}.guard();
 """),
+    # Late collections, corrections, skips and reminders.  A terminal repayment's ending
+    # changes only together with its corrections; other columns (the watch) may change.
+    (2, """
+ALTER TABLE {s}.repayments ADD COLUMN skips JSONB, ADD COLUMN corrections JSONB,
+    ADD COLUMN watch_at TIMESTAMPTZ;
+CREATE INDEX repayments_watch ON {s}.repayments (watch_at) WHERE watch_at IS NOT NULL;
+CREATE INDEX repayments_due ON {s}.repayments (due_at) WHERE due_at IS NOT NULL;
+CREATE INDEX attempts_reference ON {s}.attempts (reference);
+CREATE TABLE {s}.late_checks (
+    key TEXT NOT NULL REFERENCES {s}.repayments (key),
+    channel TEXT NOT NULL,
+    reference TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('watching', 'collected', 'cleared')),
+    checks INTEGER NOT NULL,
+    next_at TIMESTAMPTZ,
+    found_at TIMESTAMPTZ,
+    found_by TEXT,
+    channel_reference TEXT,
+    refund TEXT CHECK (refund IN ('due', 'sent', 'unknown', 'refunded', 'manual')),
+    refund_reference TEXT,
+    refund_code TEXT,
+    refund_at TIMESTAMPTZ,
+    PRIMARY KEY (key, reference)
+);
+CREATE INDEX late_checks_due ON {s}.late_checks (next_at) WHERE next_at IS NOT NULL;
+CREATE TABLE {s}.reminders (
+    key TEXT NOT NULL,
+    threshold_s DOUBLE PRECISION NOT NULL,
+    at TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (key, threshold_s)
+);
+CREATE OR REPLACE FUNCTION {s}.guard() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF OLD.status <> 'pending' AND NEW.corrections IS NOT DISTINCT FROM OLD.corrections
+            AND (NEW.status, NEW.round, NEW.channel, NEW.channel_reference, NEW.code)
+            IS DISTINCT FROM (OLD.status, OLD.round, OLD.channel, OLD.channel_reference,
+                              OLD.code) THEN
+        IF OLD.status = 'succeeded' THEN
+            RAISE EXCEPTION 'terminal: succeeded' USING ERRCODE = 'check_violation';
+        END IF;
+        IF NEW.round = OLD.round THEN
+            RAISE EXCEPTION 'terminal: failed' USING ERRCODE = 'check_violation';
+        END IF;
+    END IF;
+    IF NEW.status <> OLD.status OR NEW.owner IS DISTINCT FROM OLD.owner THEN
+        PERFORM pg_notify('failover_' || TG_TABLE_SCHEMA, NEW.key);
+    END IF;
+    RETURN NEW;
+END $$;
+"""),
 ]
 
 _SETTLING = ", ".join(f"'{outcome.value}'" for outcome in sorted(SETTLING_SUBMIT_OUTCOMES))
@@ -150,7 +220,7 @@ _IN_DOUBT = f"resolution IS NULL AND (outcome IS NULL OR outcome NOT IN ({_SETTL
 _RECORD_COLUMNS = (
     "key, account, amount, currency, due_at, metadata, preference, status, round, channel,"
     " channel_reference, code, pending_reason, pending_channel, created_at, updated_at,"
-    " owner, token"
+    " owner, token, skips, corrections"
 )
 _ATTEMPT_COLUMNS = (
     "channel, reference, outcome, code, started_at, finished_at, detail, resolution, round,"
@@ -1049,7 +1119,7 @@ class PostgresJournal:
         self, key: str, round: int, status: RepaymentStatus, channel: str | None,
         channel_reference: str | None, code: str | None, now: datetime,
         *, attempt: tuple[int, ChannelResult] | None = None,
-        resolution: Resolution | None = None,
+        resolution: Resolution | None = None, skips: Sequence[Skip] = (),
     ) -> Record:
         held = self._held.get(key)
         token = -1 if held is None else held.token
@@ -1065,6 +1135,7 @@ class PostgresJournal:
             None if resolution is None else resolution.reference,
             None if resolution is None else resolution.outcome.value,
             None if resolution is None else resolution.channel_reference,
+            json.dumps(skips_json(skips)) if skips else None,
         )
 
         async def apply(conn: asyncpg.Connection) -> Record:
@@ -1072,6 +1143,8 @@ class PostgresJournal:
             if row is None:
                 await self._refuse(conn, key, token)
                 raise AssertionError("unreachable: _refuse raises for a pending repayment")
+            # A second statement sees the first one's changes to the attempts.
+            await conn.execute(sql.watch, key, now)
             return _record(row, tuple(_attempt(a[1:]) for a in row[-1] or ()))
 
         async def settle(conn: asyncpg.Connection) -> Record:
@@ -1149,6 +1222,164 @@ class PostgresJournal:
             " ORDER BY started_at DESC LIMIT $1")
         rows = await self._submit(lambda conn: conn.fetch(sql, limit))
         return [Failover(r[0], r[1], r[2], r[3]) for r in rows]
+
+    # ---- late collections, corrections, reminders -----------------------------------
+    # Not fenced by a lease: a terminal repayment has no owner.  Checks are claimed by
+    # pushing their next_at forward (FOR UPDATE SKIP LOCKED); every change to a check is
+    # compare-and-set on its state, and a correction on the repayment's ending.
+
+    async def watched(self, limit: int) -> list[str]:
+        sql = (f"SELECT key FROM {self.schema}.repayments WHERE watch_at IS NOT NULL"
+               " ORDER BY watch_at LIMIT $1")
+        return [row[0] for row in await self._submit(lambda conn: conn.fetch(sql, limit))]
+
+    async def start_watching(self, key: str, checks: Sequence[LateCheck]) -> None:
+        schema = self.schema
+        rows = [late_check_row(check) for check in checks]
+
+        async def apply(conn: asyncpg.Connection) -> None:
+            if rows:
+                await conn.executemany(
+                    f"INSERT INTO {schema}.late_checks ({LATE_COLUMNS}) VALUES ({_LATE_MARKS})"
+                    " ON CONFLICT (key, reference) DO NOTHING", rows)
+            await conn.execute(f"UPDATE {schema}.repayments SET watch_at = NULL WHERE key = $1",
+                               key)
+
+        await self._submit(apply, route=key)
+
+    async def due_late_checks(self, now: datetime, limit: int, claim_until: datetime
+                              ) -> list[LateCheck]:
+        sql = (f"WITH due AS (SELECT key, reference FROM {self.schema}.late_checks"
+               " WHERE next_at <= $1 ORDER BY next_at LIMIT $2 FOR UPDATE SKIP LOCKED)"
+               f" UPDATE {self.schema}.late_checks AS c SET next_at = $3 FROM due"
+               " WHERE c.key = due.key AND c.reference = due.reference"
+               f" RETURNING {', '.join('c.' + col for col in LATE_COLUMNS.split(', '))}")
+
+        async def apply(conn: asyncpg.Connection) -> list[Any]:
+            return list(await conn.fetch(sql, now, limit, claim_until))
+
+        rows = await self._submit(apply)
+        # next_at as it was when claimed: the caller works from the schedule it read.
+        return sorted((dataclasses.replace(late_check_from(r, _same), next_at=now)
+                       for r in rows), key=lambda c: (c.key, c.reference))
+
+    async def update_late_check(self, check: LateCheck, expect: LateCheck) -> bool:
+        row = late_check_row(check)
+        sql = (f"UPDATE {self.schema}.late_checks SET state = $3, checks = $4, next_at = $5,"
+               " found_at = $6, found_by = $7, channel_reference = $8, refund = $9,"
+               " refund_reference = $10, refund_code = $11, refund_at = $12"
+               " WHERE key = $1 AND reference = $2 AND state = $13"
+               " AND refund IS NOT DISTINCT FROM $14 AND checks = $15 RETURNING 1")
+        args = (check.key, check.reference, *row[4:], expect.state.value,
+                None if expect.refund is None else expect.refund.value, expect.checks)
+
+        async def apply(conn: asyncpg.Connection) -> bool:
+            return await conn.fetchval(sql, *args) is not None
+
+        return await self._submit(apply, route=check.key)
+
+    async def late_checks(self, key: str | None = None, *, state: LateState | None = None,
+                          refund: RefundState | None = None) -> list[LateCheck]:
+        sql = (f"SELECT {LATE_COLUMNS} FROM {self.schema}.late_checks"
+               " WHERE ($1::text IS NULL OR key = $1) AND ($2::text IS NULL OR state = $2)"
+               " AND ($3::text IS NULL OR refund = $3) ORDER BY key, round, reference")
+        args = (key, None if state is None else state.value,
+                None if refund is None else refund.value)
+        rows = await self._submit(lambda conn: conn.fetch(sql, *args))
+        return [late_check_from(r, _same) for r in rows]
+
+    async def collected_late(self, check: LateCheck) -> bool:
+        schema = self.schema
+        row = late_check_row(check)
+
+        async def apply(conn: asyncpg.Connection) -> bool:
+            if await conn.fetchval(f"SELECT 1 FROM {schema}.repayments WHERE key = $1",
+                                   check.key) is None:
+                raise UnknownRepayment(check.key)
+            done = await conn.fetchval(
+                f"INSERT INTO {schema}.late_checks ({LATE_COLUMNS}) VALUES ({_LATE_MARKS})"
+                " ON CONFLICT (key, reference) DO UPDATE SET state = excluded.state,"
+                " next_at = excluded.next_at, found_at = excluded.found_at,"
+                " found_by = excluded.found_by, channel_reference = COALESCE("
+                "excluded.channel_reference, late_checks.channel_reference)"
+                " WHERE late_checks.state <> 'collected' RETURNING 1", *row)
+            return done is not None
+
+        return await self._submit(apply, route=check.key)
+
+    async def correct(self, key: str, round: int, correction: Correction,
+                      displaced: LateCheck | None = None) -> Record:
+        schema, sql, c = self.schema, self._sql, correction
+        kept = json.dumps([correction_json(c)])
+        displaced_row = None if displaced is None else late_check_row(displaced)
+
+        async def apply(conn: asyncpg.Connection) -> Record:
+            done = await conn.fetchval(
+                f"UPDATE {schema}.repayments SET status = $1, channel = $2,"
+                " channel_reference = $3, code = NULL,"
+                " corrections = COALESCE(corrections, '[]'::jsonb) || $4::jsonb,"
+                " updated_at = $5 WHERE key = $6 AND round = $7 AND status = $8"
+                " AND channel IS NOT DISTINCT FROM $9"
+                " AND channel_reference IS NOT DISTINCT FROM $10 RETURNING 1",
+                c.new_status.value, c.new_channel, c.new_channel_reference, kept, c.at, key,
+                round, c.old_status.value, c.old_channel, c.old_channel_reference)
+            if done is None:
+                status = await conn.fetchval(
+                    f"SELECT status FROM {schema}.repayments WHERE key = $1", key)
+                if status is None:
+                    raise UnknownRepayment(key)
+                raise TerminalStateError(key, status)
+            if displaced_row is not None:
+                await conn.execute(
+                    f"INSERT INTO {schema}.late_checks ({LATE_COLUMNS}) VALUES ({_LATE_MARKS})"
+                    " ON CONFLICT (key, reference) DO NOTHING", *displaced_row)
+            record = await _load(conn, sql, key)
+            assert record is not None
+            return record
+
+        async def settle(conn: asyncpg.Connection) -> Record:
+            record = await _load(conn, sql, key)
+            if record is not None and c in record.corrections:
+                return record  # the lost commit had made it
+            return await apply(conn)
+
+        return await self._submit(apply, settle, route=key)
+
+    async def find_reference(self, channel: str, reference: str) -> str | None:
+        sql = (f"SELECT key FROM {self.schema}.attempts WHERE reference = $1 AND channel = $2"
+               " LIMIT 1")
+        key = await self._submit(lambda conn: conn.fetchval(sql, reference, channel))
+        return None if key is None else str(key)
+
+    async def due_between(self, since: datetime | None, until: datetime | None
+                          ) -> list[Record]:
+        sql = self._sql
+        keys_sql = (f"SELECT key FROM {sql.repayments} WHERE due_at IS NOT NULL"
+                    " AND ($1::timestamptz IS NULL OR due_at >= $1)"
+                    " AND ($2::timestamptz IS NULL OR due_at < $2)")
+
+        async def op(conn: asyncpg.Connection) -> list[Record]:
+            keys = [row[0] for row in await conn.fetch(keys_sql, since, until)]
+            records = list((await _load_many(conn, sql=sql, keys=keys)).values())
+            return sorted(records, key=lambda r: (r.due_at, r.key))
+
+        return await self._submit(op)
+
+    async def at_risk(self, now: datetime, within_s: float) -> list[Record]:
+        sql = (f"SELECT {_RECORD_COLUMNS} FROM {self.schema}.repayments"
+               " WHERE due_at > $1 AND due_at <= $1 + make_interval(secs => $2)"
+               " AND status <> 'succeeded' ORDER BY due_at, key")
+        rows = await self._submit(lambda conn: conn.fetch(sql, now, within_s))
+        return [_record(row, ()) for row in rows]
+
+    async def remind_once(self, key: str, threshold_s: float, now: datetime) -> bool:
+        sql = (f"INSERT INTO {self.schema}.reminders (key, threshold_s, at)"
+               " VALUES ($1, $2, $3) ON CONFLICT (key, threshold_s) DO NOTHING RETURNING 1")
+
+        async def apply(conn: asyncpg.Connection) -> bool:
+            return await conn.fetchval(sql, key, threshold_s, now) is not None
+
+        return await self._submit(apply, route=key)
 
     async def _refuse(self, conn: asyncpg.Connection, key: str, token: int,
                       terminal_ok: bool = False) -> None:
@@ -1295,7 +1526,10 @@ class _Statements:
             f" AND number IS DISTINCT FROM $9 AND {_IN_DOUBT} RETURNING {cols}),"
             f" ended AS (UPDATE {r} SET status = $4, channel = $5, channel_reference = $6,"
             " code = $7, pending_reason = NULL, pending_channel = NULL, updated_at = $8,"
-            " owner = NULL, lease_until = NULL FROM owner WHERE repayments.key = owner.key"
+            " owner = NULL, lease_until = NULL,"
+            " skips = CASE WHEN $17::jsonb IS NULL THEN skips"
+            " ELSE COALESCE(skips, '[]'::jsonb) || $17::jsonb END"
+            " FROM owner WHERE repayments.key = owner.key"
             f" RETURNING {', '.join('repayments.' + c for c in _RECORD_COLUMNS.split(', '))})"
             " SELECT ended.*, (SELECT array_agg(ROW(x.*) ORDER BY x.number) FROM ("
             " SELECT * FROM answered UNION ALL SELECT * FROM resolved UNION ALL"
@@ -1308,9 +1542,18 @@ class _Statements:
             f" pending_channel = NULL, updated_at = $5, owner = $3,"
             f" token = nextval('{schema}.tokens'), lease_until = {lease.format('$4')}"
             " WHERE key = $1 AND status = 'failed' AND round = $2 RETURNING token")
+        self.watch = (f"UPDATE {r} SET watch_at = $2 WHERE key = $1 AND watch_at IS NULL"
+                      f" AND status <> 'pending' AND {WATCH_SQL.format(a=a, r=r)}")
         self.load = f"SELECT {_RECORD_COLUMNS} FROM {r} WHERE key = $1"
         self.load_attempts = (f"SELECT {_ATTEMPT_COLUMNS} FROM {a} WHERE key = $1"
                               " ORDER BY number")
+
+
+_LATE_MARKS = ", ".join(f"${n}" for n in range(1, 15))
+
+
+def _same(value: object) -> datetime | None:
+    return value  # type: ignore[return-value]  # asyncpg reads timestamptz as datetime
 
 
 def _attempt(a: Sequence[Any]) -> Attempt:
@@ -1330,6 +1573,7 @@ def _record(row: Sequence[Any], attempts: tuple[Attempt, ...]) -> Record:
         status=RepaymentStatus(row[7]), round=row[8], channel=row[9], channel_reference=row[10],
         code=row[11], pending_reason=None if row[12] is None else PendingReason(row[12]),
         pending_channel=row[13], created_at=row[14], updated_at=row[15], attempts=attempts,
+        skips=skips_from(row[18]), corrections=corrections_from(row[19]),
     )
 
 

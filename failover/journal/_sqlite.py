@@ -20,7 +20,7 @@ import queue
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -36,21 +36,34 @@ from failover._models import (
     SETTLING_SUBMIT_OUTCOMES,
     Attempt,
     ChannelResult,
+    Correction,
+    LateCheck,
+    LateState,
     Outcome,
     PendingReason,
+    RefundState,
     Repayment,
     RepaymentStatus,
+    Skip,
 )
 from failover.journal._base import (
+    LATE_COLUMNS,
     Failover,
     JournalStats,
     Record,
     Resolution,
     SingleOwner,
+    correction_json,
+    corrections_from,
+    late_check_from,
+    late_check_row,
+    needs_watch,
     new_record,
+    skips_from,
+    skips_json,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _MAX_BATCH = 1024
 T = TypeVar("T")
 
@@ -99,6 +112,54 @@ BEGIN SELECT RAISE(ABORT, 'terminal: failed'); END;
 """
 
 
+# Version 2: late collections, corrections, skips and reminders.  A terminal repayment
+# changes only together with its ``corrections`` (the triggers are rebuilt to say so).
+_SCHEMA_2 = """
+ALTER TABLE repayments ADD COLUMN skips TEXT;
+ALTER TABLE repayments ADD COLUMN corrections TEXT;
+ALTER TABLE repayments ADD COLUMN watch_at TEXT;
+CREATE INDEX repayments_watch ON repayments (watch_at) WHERE watch_at IS NOT NULL;
+CREATE INDEX repayments_due ON repayments (due_at) WHERE due_at IS NOT NULL;
+CREATE INDEX attempts_reference ON attempts (reference);
+CREATE TABLE late_checks (
+    key TEXT NOT NULL REFERENCES repayments (key),
+    channel TEXT NOT NULL,
+    reference TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('watching', 'collected', 'cleared')),
+    checks INTEGER NOT NULL,
+    next_at TEXT,
+    found_at TEXT,
+    found_by TEXT,
+    channel_reference TEXT,
+    refund TEXT CHECK (refund IN ('due', 'sent', 'unknown', 'refunded', 'manual')),
+    refund_reference TEXT,
+    refund_code TEXT,
+    refund_at TEXT,
+    PRIMARY KEY (key, reference)
+) WITHOUT ROWID;
+CREATE INDEX late_checks_due ON late_checks (next_at) WHERE next_at IS NOT NULL;
+CREATE TABLE reminders (
+    key TEXT NOT NULL,
+    threshold_s REAL NOT NULL,
+    at TEXT NOT NULL,
+    PRIMARY KEY (key, threshold_s)
+) WITHOUT ROWID;
+DROP TRIGGER succeeded_is_final;
+DROP TRIGGER failed_changes_by_new_round_only;
+CREATE TRIGGER succeeded_is_final
+BEFORE UPDATE OF status, round, channel, channel_reference, code ON repayments
+WHEN OLD.status = 'succeeded' AND NEW.corrections IS OLD.corrections
+BEGIN SELECT RAISE(ABORT, 'terminal: succeeded'); END;
+CREATE TRIGGER failed_changes_by_new_round_only
+BEFORE UPDATE OF status, round, channel, channel_reference, code ON repayments
+WHEN OLD.status = 'failed' AND NEW.round = OLD.round AND NEW.corrections IS OLD.corrections
+BEGIN SELECT RAISE(ABORT, 'terminal: failed'); END;
+"""
+
+_MIGRATIONS = ((1, _SCHEMA), (2, _SCHEMA_2))
+
+
 def _statements(script: str) -> list[str]:
     # executescript() would COMMIT the guarding transaction first; split and run one by one.
     statements, current = [], ""
@@ -114,6 +175,16 @@ def _statements(script: str) -> list[str]:
 
 def _ts(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
+
+
+def _utc(value: datetime | None) -> str | None:
+    """A time kept for comparison in SQL (schedules): UTC, one format, so text order is
+    time order."""
+    return None if value is None else value.astimezone(UTC).isoformat()
+
+
+def _parse(value: object) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(str(value))
 
 
 def _dt(value: str | None) -> datetime | None:
@@ -241,6 +312,12 @@ class SQLiteJournal(SingleOwner):
         if version == 0:
             conn.close()
             raise JournalError(f"{self.path!r} is not a failover journal")
+        if version < SCHEMA_VERSION:
+            conn.close()
+            raise JournalError(
+                f"journal {self.path!r} has schema version {version}, older than"
+                f" {SCHEMA_VERSION}: upgrade it with 'failover migrate {self.path}' (or open"
+                " it in a service, which upgrades it)")
         return conn
 
     def _connect_writable(self) -> sqlite3.Connection:
@@ -259,12 +336,16 @@ class SQLiteJournal(SingleOwner):
             conn.execute("PRAGMA foreign_keys=ON")
             # A larger page cache keeps a big journal's index pages in memory (64 MiB).
             conn.execute("PRAGMA cache_size=-65536")
-            if version == 0:
+            if version < SCHEMA_VERSION:
+                # An embedded journal upgrades itself when opened for writing (the lock
+                # file says no other process has it open).
                 conn.execute("BEGIN IMMEDIATE")
-                if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
-                    for statement in _statements(_SCHEMA):
-                        conn.execute(statement)
-                    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                for number, script in _MIGRATIONS:
+                    if number > version:
+                        for statement in _statements(script):
+                            conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 conn.execute("COMMIT")
         except sqlite3.Error as exc:
             raise JournalError(f"cannot open journal {self.path!r}: {exc}") from exc
@@ -435,7 +516,7 @@ class SQLiteJournal(SingleOwner):
         self, key: str, round: int, status: RepaymentStatus, channel: str | None,
         channel_reference: str | None, code: str | None, now: datetime,
         *, attempt: tuple[int, ChannelResult] | None = None,
-        resolution: Resolution | None = None,
+        resolution: Resolution | None = None, skips: Sequence[Skip] = (),
     ) -> Record:
         def op(conn: sqlite3.Connection) -> Record:
             # Facts about attempts first: true whatever happens to the repayment update.
@@ -443,16 +524,27 @@ class SQLiteJournal(SingleOwner):
                 _finish_attempt(conn, key, attempt[0], attempt[1], now)
             if resolution is not None:
                 _resolve(conn, key, round, resolution)
+            merged = None
+            if skips:
+                held = conn.execute("SELECT skips FROM repayments WHERE key = ?",
+                                    (key,)).fetchone()
+                merged = json.dumps(json.loads((held and held[0]) or "[]")
+                                    + skips_json(skips))
             row = conn.execute(
                 "UPDATE repayments SET status = ?, channel = ?, channel_reference = ?, code = ?,"
-                " pending_reason = NULL, pending_channel = NULL, updated_at = ?"
+                " pending_reason = NULL, pending_channel = NULL, updated_at = ?,"
+                " skips = COALESCE(?, skips)"
                 " WHERE key = ? AND status = 'pending' AND round = ?"
                 f" RETURNING {_RECORD_COLUMNS}",
-                (status.value, channel, channel_reference, code, _ts(now), key, round),
+                (status.value, channel, channel_reference, code, _ts(now), merged, key, round),
             ).fetchone()
             if row is None:
                 _refuse(conn, key)
-            return _record(row, _attempts_of(conn, key))
+            record = _record(row, _attempts_of(conn, key))
+            if needs_watch(record):
+                conn.execute("UPDATE repayments SET watch_at = ? WHERE key = ?"
+                             " AND watch_at IS NULL", (_utc(now), key))
+            return record
 
         return await self._submit(op)
 
@@ -514,6 +606,165 @@ class SQLiteJournal(SingleOwner):
             return [Failover(r[0], r[1], r[2], datetime.fromisoformat(r[3])) for r in rows]
 
         return await self._submit(op)
+
+    # ---- late collections, corrections, reminders -----------------------------------
+
+    async def watched(self, limit: int) -> list[str]:
+        return await self._submit(lambda conn: [row[0] for row in conn.execute(
+            "SELECT key FROM repayments WHERE watch_at IS NOT NULL ORDER BY watch_at LIMIT ?",
+            (limit,))])
+
+    async def start_watching(self, key: str, checks: Sequence[LateCheck]) -> None:
+        rows = [_late_row(check) for check in checks]
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                f"INSERT INTO late_checks ({LATE_COLUMNS}) VALUES ({_LATE_MARKS})"
+                " ON CONFLICT (key, reference) DO NOTHING", rows)
+            conn.execute("UPDATE repayments SET watch_at = NULL WHERE key = ?", (key,))
+
+        await self._submit(op)
+
+    async def due_late_checks(self, now: datetime, limit: int, claim_until: datetime
+                              ) -> list[LateCheck]:
+        def op(conn: sqlite3.Connection) -> list[LateCheck]:
+            rows = conn.execute(
+                f"SELECT {LATE_COLUMNS} FROM late_checks WHERE next_at <= ?"
+                " ORDER BY next_at LIMIT ?", (_utc(now), limit)).fetchall()
+            conn.executemany("UPDATE late_checks SET next_at = ? WHERE key = ? AND reference = ?",
+                             [(_utc(claim_until), r[0], r[2]) for r in rows])
+            return [late_check_from(r, _parse) for r in rows]
+
+        return await self._submit(op)
+
+    async def update_late_check(self, check: LateCheck, expect: LateCheck) -> bool:
+        row = _late_row(check)
+
+        def op(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                "UPDATE late_checks SET state = ?, checks = ?, next_at = ?, found_at = ?,"
+                " found_by = ?, channel_reference = ?, refund = ?, refund_reference = ?,"
+                " refund_code = ?, refund_at = ? WHERE key = ? AND reference = ?"
+                " AND state = ? AND refund IS ? AND checks = ?",
+                (*row[4:], check.key, check.reference, expect.state.value,
+                 None if expect.refund is None else expect.refund.value, expect.checks))
+            return cursor.rowcount == 1
+
+        return await self._submit(op)
+
+    async def late_checks(self, key: str | None = None, *, state: LateState | None = None,
+                          refund: RefundState | None = None) -> list[LateCheck]:
+        def op(conn: sqlite3.Connection) -> list[LateCheck]:
+            rows = conn.execute(
+                f"SELECT {LATE_COLUMNS} FROM late_checks WHERE (?1 IS NULL OR key = ?1)"
+                " AND (?2 IS NULL OR state = ?2) AND (?3 IS NULL OR refund = ?3)"
+                " ORDER BY key, round, reference",
+                (key, None if state is None else state.value,
+                 None if refund is None else refund.value)).fetchall()
+            return [late_check_from(r, _parse) for r in rows]
+
+        return await self._submit(op)
+
+    async def collected_late(self, check: LateCheck) -> bool:
+        row = _late_row(check)
+
+        def op(conn: sqlite3.Connection) -> bool:
+            if conn.execute("SELECT 1 FROM repayments WHERE key = ?",
+                            (check.key,)).fetchone() is None:
+                raise UnknownRepayment(check.key)
+            cursor = conn.execute(
+                f"INSERT INTO late_checks ({LATE_COLUMNS}) VALUES ({_LATE_MARKS})"
+                " ON CONFLICT (key, reference) DO UPDATE SET state = excluded.state,"
+                " next_at = excluded.next_at, found_at = excluded.found_at,"
+                " found_by = excluded.found_by, channel_reference = COALESCE("
+                "excluded.channel_reference, late_checks.channel_reference)"
+                " WHERE late_checks.state <> 'collected'", row)
+            return cursor.rowcount == 1
+
+        return await self._submit(op)
+
+    async def correct(self, key: str, round: int, correction: Correction,
+                      displaced: LateCheck | None = None) -> Record:
+        c = correction
+
+        def op(conn: sqlite3.Connection) -> Record:
+            held = conn.execute("SELECT corrections FROM repayments WHERE key = ?",
+                                (key,)).fetchone()
+            if held is None:
+                raise UnknownRepayment(key)
+            kept = json.dumps([*json.loads(held[0] or "[]"), correction_json(c)])
+            row = conn.execute(
+                "UPDATE repayments SET status = ?, channel = ?, channel_reference = ?,"
+                " code = NULL, corrections = ?, updated_at = ? WHERE key = ? AND round = ?"
+                " AND status = ? AND channel IS ? AND channel_reference IS ?"
+                f" RETURNING {_RECORD_COLUMNS}",
+                (c.new_status.value, c.new_channel, c.new_channel_reference, kept, _ts(c.at),
+                 key, round, c.old_status.value, c.old_channel, c.old_channel_reference),
+            ).fetchone()
+            if row is None:
+                status = conn.execute("SELECT status FROM repayments WHERE key = ?",
+                                      (key,)).fetchone()[0]
+                raise TerminalStateError(key, status)
+            if displaced is not None:
+                conn.execute(
+                    f"INSERT INTO late_checks ({LATE_COLUMNS}) VALUES ({_LATE_MARKS})"
+                    " ON CONFLICT (key, reference) DO NOTHING", _late_row(displaced))
+            return _record(row, _attempts_of(conn, key))
+
+        return await self._submit(op)
+
+    async def find_reference(self, channel: str, reference: str) -> str | None:
+        def op(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute("SELECT key FROM attempts WHERE reference = ? AND channel = ?"
+                               " LIMIT 1", (reference, channel)).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._submit(op)
+
+    async def due_between(self, since: datetime | None, until: datetime | None
+                          ) -> list[Record]:
+        def op(conn: sqlite3.Connection) -> list[Record]:
+            keys = [row[0] for row in conn.execute(
+                "SELECT key FROM repayments WHERE due_at IS NOT NULL"
+                " AND (?1 IS NULL OR julianday(due_at) >= julianday(?1))"
+                " AND (?2 IS NULL OR julianday(due_at) < julianday(?2))",
+                (_utc(since), _utc(until)))]
+            records: list[Record] = []
+            for start in range(0, len(keys), 500):
+                records.extend(_load_many(conn, keys[start:start + 500]).values())
+            return sorted(records, key=lambda r: (r.due_at, r.key))
+
+        return await self._submit(op)
+
+    async def at_risk(self, now: datetime, within_s: float) -> list[Record]:
+        def op(conn: sqlite3.Connection) -> list[Record]:
+            rows = conn.execute(
+                f"SELECT {_RECORD_COLUMNS} FROM repayments WHERE due_at IS NOT NULL"
+                " AND status <> 'succeeded' AND julianday(due_at) > julianday(?1)"
+                " AND julianday(due_at) <= julianday(?1) + ?2 / 86400.0"
+                " ORDER BY julianday(due_at), key", (_utc(now), within_s)).fetchall()
+            return [_record(row, ()) for row in rows]
+
+        return await self._submit(op)
+
+    async def remind_once(self, key: str, threshold_s: float, now: datetime) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                "INSERT INTO reminders (key, threshold_s, at) VALUES (?, ?, ?)"
+                " ON CONFLICT (key, threshold_s) DO NOTHING", (key, threshold_s, _ts(now)))
+            return cursor.rowcount == 1
+
+        return await self._submit(op)
+
+
+_LATE_MARKS = ", ".join("?" * 14)
+
+
+def _late_row(check: LateCheck) -> tuple[object, ...]:
+    row = list(late_check_row(check))
+    for index in (6, 7, 13):
+        row[index] = _utc(row[index])  # type: ignore[arg-type]
+    return tuple(row)
 
 
 def _finish_attempt(
@@ -578,7 +829,8 @@ def _refuse(conn: sqlite3.Connection, key: str) -> NoReturn:
 
 _RECORD_COLUMNS = (
     "key, account, amount, currency, due_at, metadata, preference, status, round, channel,"
-    " channel_reference, code, pending_reason, pending_channel, created_at, updated_at"
+    " channel_reference, code, pending_reason, pending_channel, created_at, updated_at,"
+    " skips, corrections"
 )
 _ATTEMPT_COLUMNS = (
     "channel, reference, outcome, code, started_at, finished_at, detail, resolution, round,"
@@ -603,6 +855,7 @@ def _record(row: tuple[Any, ...], attempts: tuple[Attempt, ...]) -> Record:
         code=row[11], pending_reason=None if row[12] is None else PendingReason(row[12]),
         pending_channel=row[13], created_at=datetime.fromisoformat(row[14]),
         updated_at=datetime.fromisoformat(row[15]), attempts=attempts,
+        skips=skips_from(row[16]), corrections=corrections_from(row[17]),
     )
 
 
