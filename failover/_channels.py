@@ -85,6 +85,12 @@ class Layout:
             return self.order
         return tuple(name for name in preference if name in self.lanes)
 
+    def alternatives(self, amount: Decimal, currency: str, clock: Clock,
+                     preference: Sequence[str] | None = None) -> tuple[str, ...]:
+        """Channels a borrower could pay through by hand now: eligible, breaker not open."""
+        return tuple(v.channel for v in self.explain(amount, currency, clock, preference)
+                     if v.eligible)
+
     def explain(
         self, amount: Decimal, currency: str, clock: Clock,
         preference: Sequence[str] | None = None,

@@ -48,6 +48,25 @@ class UnknownRepayment(FailoverError):
         super().__init__(f"no repayment with key {key!r}")
 
 
+class UnknownReference(FailoverError, LookupError):
+    """A provider's callback names a reference no repayment sent to that channel."""
+
+    def __init__(self, channel: str, reference: str) -> None:
+        self.channel = channel
+        self.reference = reference
+        super().__init__(f"no repayment sent reference {reference!r} to channel {channel!r}")
+
+
+class CallbackRejected(FailoverError, ValueError):
+    """A provider's webhook was refused: a bad signature, or a body the adapter cannot
+    read.  Nothing was changed."""
+
+    def __init__(self, channel: str, reason: str) -> None:
+        self.channel = channel
+        self.reason = reason
+        super().__init__(f"callback for channel {channel!r} rejected: {reason}")
+
+
 class ChannelUnavailable(FailoverError):
     """Raised by an adapter when the channel certainly did not collect.
 

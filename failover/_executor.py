@@ -52,12 +52,14 @@ from failover._models import (
     Repayment,
     RepaymentResult,
     RepaymentStatus,
+    Skip,
 )
 from failover._policy import Permit, RetryBudget, answer_of, breaker_failure, invoke
 from failover.events import (
     AttemptFinished,
     AttemptResolved,
     AttemptStarted,
+    ChannelSkipped,
     Event,
     Hook,
     OwnershipLostEvent,
@@ -113,6 +115,10 @@ class _Drive:
     running: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
     """Attempt number -> the thread of a plain-``def`` submit that outlived its timeout."""
     result: RepaymentResult | None = None
+    skips: list[Skip] = field(default_factory=list)
+    """Channels passed over in this drive, journaled with its ending."""
+    refused: dict[str, str] = field(default_factory=dict)
+    """Why each channel before the opening one was passed over when it was chosen."""
 
     def request(self, reference: str) -> ChannelRequest:
         record = self.record
@@ -195,14 +201,16 @@ class Executor:
         self._gate(repayment.key, accepted=False)
         opening = None
         permit = None
+        refused: dict[str, str] = {}
         for name in layout.names_for(preference):
-            _, permit = layout.admit(name, repayment.amount, repayment.currency, self._clock)
+            why, permit = layout.admit(name, repayment.amount, repayment.currency, self._clock)
             if permit is not None:
                 opening = name
                 self._budget.record_call()
                 break
+            refused[name] = why or "ineligible"
         drive = _Drive(layout=layout, permits={} if opening is None or permit is None
-                       else {opening: permit})
+                       else {opening: permit}, refused=refused)
         try:
             first = None if opening is None else (opening, make_reference(repayment.key, 1,
                                                                            opening))
@@ -270,6 +278,30 @@ class Executor:
             finally:
                 if waiter is not None and not waiter.done():
                     waiter.cancel()
+
+    async def notice(self, key: str, layout: Layout, reference: str, result: ChannelResult
+                     ) -> RepaymentResult:
+        """A provider's callback proved what became of ``reference``: journaled by this
+        instance as the resolution of its attempts in doubt, once it owns the repayment,
+        which is then driven on from there.  Owned by another instance: left to it."""
+        self._gate(key)
+        record = await self._journal.acquire(key)
+        if record is None or record.status is not RepaymentStatus.PENDING:
+            stored = record or await self._journal.load(key)
+            if stored is None:
+                raise UnknownRepayment(key)
+            return stored.result()
+        if any(a.reference == reference and a.round == record.round and a.in_doubt
+               for a in record.attempts):
+            attempt = next(a for a in record.attempts if a.reference == reference)
+            await self._journal.resolve_attempts(
+                key, record.round, reference, result.outcome, self._clock.now(),
+                result.channel_reference)
+            self._emit(AttemptResolved(key, attempt.channel, reference, result.outcome))
+            stored = await self._journal.load(key)
+            assert stored is not None
+            record = stored
+        return await self._run(_Drive(layout, record))
 
     # ---- the loop ---------------------------------------------------------------
 
@@ -379,15 +411,29 @@ class Executor:
         return Answer(self._clock.monotonic())
 
     async def _on_emit(self, action: Emit, drive: _Drive) -> Answer:
-        self._emit(action.event)
+        event = action.event
+        if isinstance(event, ChannelSkipped):
+            # "maintenance: Sun 02:00-04:00 UTC" -> "maintenance", for the evidence report.
+            reason = drive.refused.get(event.channel, event.reason) \
+                if event.reason == "ineligible" else event.reason
+            drive.skips.append(Skip(event.channel, reason.split(":", 1)[0],
+                                    self._clock.now(), drive.record.round))
+        self._emit(event)
         return Answer(self._clock.monotonic())
+
+    def _alternatives(self, drive: _Drive) -> tuple[str, ...]:
+        record = drive.record
+        return drive.layout.alternatives(record.amount, record.currency, self._clock,
+                                         record.preference)
 
     async def _on_pending(self, action: Pending, drive: _Drive) -> Answer:
         record = drive.record
         await self._journal.set_pending(
             record.key, record.round, PendingReason.AWAITING_CHANNEL, action.channel,
             action.code, self._clock.now())
-        self._emit(RepaymentPending(record.key, action.channel, action.code))
+        if self._hooks:
+            self._emit(RepaymentPending(record.key, action.channel, action.code,
+                                        self._alternatives(drive)))
         stored = await self._journal.load(record.key)
         assert stored is not None
         drive.result = stored.result()
@@ -435,7 +481,7 @@ class Executor:
             else:
                 submit = cast(AdapterCall, lane.channel.submit)  # async: no runner
                 result = await invoke(submit, request, lane.config.timeout_s,
-                                      lane.config.codes, self._clock)
+                                      lane.config.outcome_map, self._clock)
         except BaseException:
             # Cancelled (the router is closing or the process is going down): neither a
             # success nor a failure of the channel; its request may have gone until now.
@@ -477,14 +523,14 @@ class Executor:
         async def wait(_: ChannelRequest) -> Any:
             return await asyncio.shield(thread)
 
-        result = await invoke(wait, request, lane.config.timeout_s, lane.config.codes,
+        result = await invoke(wait, request, lane.config.timeout_s, lane.config.outcome_map,
                               self._clock)
         if not thread.done():
             return result, thread
         if result.code == "timeout":  # it ended just after the timeout: its answer counts
             error = thread.exception()
             result = answer_of(None if error else thread.result(), error=error,
-                               codes=lane.config.codes)
+                               codes=lane.config.outcome_map)
         return result, None
 
     async def _on_record(self, action: Record, drive: _Drive) -> Answer:
@@ -509,7 +555,7 @@ class Executor:
             self._outliving[key] = left
         error = thread.exception()
         result = answer_of(thread.result() if error is None else None, error=error,
-                           codes=lane.config.codes)
+                           codes=lane.config.outcome_map)
 
         if self.closed:
             return  # closed: the attempt is left in doubt for the next open, as a crash leaves it
@@ -547,12 +593,12 @@ class Executor:
                 async def wait(_: ChannelRequest) -> Any:
                     return await asyncio.shield(thread)
 
-                result = await invoke(wait, request, lane.config.timeout_s, lane.config.codes,
+                result = await invoke(wait, request, lane.config.timeout_s, lane.config.outcome_map,
                                       self._clock)
         else:
             query = cast(AdapterCall, lane.channel.query)  # async: no runner
             result = await invoke(query, request, lane.config.timeout_s,
-                                  lane.config.codes, self._clock)
+                                  lane.config.outcome_map, self._clock)
         sent_by = None
         if lane.runner is not None:
             running = running or lane.runner.running(action.reference)
@@ -569,7 +615,7 @@ class Executor:
         final = await self._journal.finish(
             record.key, record.round, action.status, action.channel,
             action.channel_reference, action.code, self._clock.now(),
-            attempt=action.attempt, resolution=resolution,
+            attempt=action.attempt, resolution=resolution, skips=drive.skips,
         )
         if self._hooks:
             if resolution is not None:
@@ -579,6 +625,7 @@ class Executor:
             if action.status is RepaymentStatus.SUCCEEDED:
                 self._emit(RepaymentSucceeded(record.key, action.channel or "", attempts))
             else:
-                self._emit(RepaymentFailed(record.key, action.code or "failed", attempts))
+                self._emit(RepaymentFailed(record.key, action.code or "failed", attempts,
+                                           self._alternatives(drive)))
         drive.result = final.result()
         return Answer(0.0)  # the flow ends here: nothing reads it

@@ -50,6 +50,7 @@ class Lifecycle:
         self, journal: Journal, clock: Clock, executor: Executor, registry: Registry,
         resume: Callable[[str], Awaitable[RepaymentResult]], concurrency: int,
         background: Background | None = None, emit: Callable[[Event], None] | None = None,
+        late: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._journal = journal
         self._clock = clock
@@ -65,6 +66,7 @@ class Lifecycle:
         self._background_settings = background
         self._loop_task: asyncio.Task[None] | None = None
         self._emit = emit or (lambda event: None)
+        self._late = late
 
     def require_open(self) -> None:
         if not self.is_open:
@@ -112,9 +114,10 @@ class Lifecycle:
                 self._background_loop(self._background_settings), name="failover:background")
 
     async def _background_loop(self, settings: Background) -> None:
-        """Take over repayments whose owner's lease expired (every ``sweep_every_s``) and
+        """Take over repayments whose owner's lease expired (every ``sweep_every_s``),
         reconcile those waiting on a channel (every ``reconcile_every_s``), one instance
-        per repayment.  A journal that cannot be reached is retried with backoff."""
+        per repayment, and do the late-collection work that is due (``LateWork``).  A
+        journal that cannot be reached is retried with backoff."""
         clock = self._clock
         next_reconcile = clock.monotonic() + settings.reconcile_every_s
         down_since: float | None = None
@@ -134,6 +137,8 @@ class Lifecycle:
                     if waiting:
                         self._spawn(drain(waiting, self._resume, self._concurrency,
                                           keep=False))
+                if self._late is not None:
+                    await self._late()  # late collections, refunds, reminders
             except (JournalError, OSError) as exc:
                 if down_since is None:
                     down_since = clock.monotonic()

@@ -3,7 +3,8 @@ the journal together.  It holds no payment logic (that is ``_flow.py``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -14,16 +15,27 @@ from failover._channels import ChannelSet
 from failover._clock import Clock, SystemClock
 from failover._eligibility import Eligibility
 from failover._errors import (
+    CallbackRejected,
     ConfigError,
     JournalError,
     RouterClosedError,
     TerminalStateError,
+    UnknownReference,
     UnknownRepayment,
 )
 from failover._executor import Executor, Intent
 from failover._flow import make_reference
+from failover._late import LateWork, late_settings, watch_list, winner
 from failover._lifecycle import Background, Lifecycle
-from failover._models import Outcome, Repayment, RepaymentResult, RepaymentStatus
+from failover._models import (
+    Callback,
+    ChannelResult,
+    LateState,
+    Outcome,
+    Repayment,
+    RepaymentResult,
+    RepaymentStatus,
+)
 from failover._policy import Breaker, RetryBudget
 from failover._registry import Registry, drain
 from failover.config import RouterConfig
@@ -62,10 +74,12 @@ class Router:
     ) -> None:
         """``background`` runs a loop while the router is open that takes over
         repayments whose owner's lease expired (every ``sweep_every_s``; a dead
-        instance's work resumes within the journal's ``lease_s`` plus that) and
-        reconciles repayments waiting on a channel (every ``reconcile_every_s``).  It is
-        on by default for a shared journal (``PostgresJournal``) and off otherwise; on
-        an SQLite journal it saves calling ``reconcile()`` by hand."""
+        instance's work resumes within the journal's ``lease_s`` plus that), reconciles
+        repayments waiting on a channel (every ``reconcile_every_s``), and looks for late
+        collections, refunds them and sends reminders (``config.late``,
+        ``config.reminders``; see ``sweep()``).  It is on by default for a shared journal
+        (``PostgresJournal``) and off otherwise; on an SQLite journal turn it on
+        (``background=True``) or call ``sweep()`` and ``reconcile()`` on a schedule."""
         if recovery_concurrency < 1:
             raise ValueError(f"recovery_concurrency must be at least 1, got {recovery_concurrency}")
         if query_attempts < 1:
@@ -87,11 +101,14 @@ class Router:
                                   query_attempts=query_attempts, query_backoff_s=query_backoff_s,
                                   on_late_answer=lambda key: self._life.resume_later(key))
         self._recovery_concurrency = recovery_concurrency
+        tell = (lambda event: emit(hooks, event)) if hooks else (lambda event: None)
+        self._late = LateWork(journal, self._clock, self._channels, tell,
+                              lambda: late_settings(self.config))
         self._life = Lifecycle(
             journal, self._clock, self._executor, self._registry, self._resume,
             recovery_concurrency,
             Background(sweep_every_s, reconcile_every_s) if background else None,
-            lambda event: emit(hooks, event) if hooks else None)
+            tell, self._late.sweep)
 
     @classmethod
     def from_config(
@@ -228,6 +245,89 @@ class Router:
         keys = await self._journal.pending_keys()
         return await drain(keys, self._resume, self._recovery_concurrency)
 
+    async def get_late(self, key: str) -> RepaymentResult | None:
+        """``get(key)`` with the late collections found for it and their refunds."""
+        self._life.require_open()
+        record = await self._journal.load(key)
+        if record is None:
+            return None
+        late = tuple(await self._journal.late_checks(key))
+        return dataclasses.replace(record.result(), late=late)
+
+    async def sweep(self) -> None:
+        """Do the late-collection work that is due now, once: watch repayments that
+        ended with attempts that may still collect, re-query those due (``config.late``),
+        correct and refund what turned up, and emit ``at_risk`` reminders
+        (``config.reminders``).  The background loop calls it every ``sweep_every_s``."""
+        self._life.require_open()
+        await self._late.sweep()
+
+    async def notify(self, channel: str, reference: str, result: ChannelResult
+                     ) -> RepaymentResult:
+        """Feed a provider's asynchronous notice (a webhook) about ``reference`` on
+        ``channel`` into the router, as the answer to a status query would be.
+
+        A ``SUCCEEDED`` or a refusal settles an attempt in doubt at once and the
+        repayment goes on from there; a ``SUCCEEDED`` for a repayment that ended otherwise
+        is a late collection (corrected or refunded like one found by the sweep).  Safe to
+        call any number of times, before, during or after the submit returns.  Answers
+        that prove nothing (``UNKNOWN``, ``UNAVAILABLE``) change nothing.  Raises
+        ``UnknownReference`` naming ``reference`` if no repayment sent it to ``channel``.
+        """
+        self._life.require_open()
+        self._channels.check_preference([channel])
+        if not isinstance(result, ChannelResult):
+            raise TypeError(f"notify() takes a failover.ChannelResult, not"
+                            f" {type(result).__name__}")
+        key = await self._journal.find_reference(channel, reference)
+        if key is None:
+            raise UnknownReference(channel, reference)
+        record = await self._journal.load(key)
+        assert record is not None
+        if not result.outcome.is_definitive:
+            return record.result()
+        doubt = record.status is RepaymentStatus.PENDING and any(
+            a.reference == reference and a.round == record.round and a.in_doubt
+            for a in record.attempts)
+        if doubt and key not in self._registry:
+            # Not driven here: this instance takes it (if no other holds it), journals
+            # the notice as what became of the attempt, and drives it on from there.
+            layout = self._channels.layout
+            await self._registry.join(self._registry.start(
+                key, lambda: self._executor.notice(key, layout, reference, result)))
+            record = await self._journal.load(key) or record
+        won = winner(record)
+        if result.outcome is Outcome.SUCCEEDED and (won is None or won[1] != reference):
+            # Collected, and the ending does not rest on it (or is not reached yet): a late
+            # collection, journaled now and made right once the repayment has ended.
+            await self._late.found(key, channel, reference, result.channel_reference,
+                                   "callback")
+        if key in self._registry:
+            self._life.resume_later(key)  # being driven here: looked at again after
+        stored = await self.get_late(key)
+        assert stored is not None
+        return stored
+
+    async def callback(self, channel: str, headers: Mapping[str, str], body: bytes
+                       ) -> RepaymentResult:
+        """A provider's webhook as received: the channel's adapter checks its signature
+        and reads it (``parse_callback(headers, body)`` returning a ``Callback``), then
+        ``notify``.  ``CallbackRejected`` if the adapter refuses it or has no such hook."""
+        self._life.require_open()
+        self._channels.check_preference([channel])
+        adapter = self._channels.layout.lanes[channel].channel
+        parse = getattr(adapter, "parse_callback", None)
+        if parse is None:
+            raise CallbackRejected(channel, "the adapter has no parse_callback hook")
+        try:
+            notice = parse(headers, body)
+        except Exception as exc:
+            raise CallbackRejected(channel, str(exc) or type(exc).__name__) from exc
+        if not isinstance(notice, Callback):
+            raise CallbackRejected(channel, f"parse_callback returned {notice!r}, not a"
+                                            " failover.Callback")
+        return await self.notify(channel, notice.reference, notice.result)
+
     async def retry(self, key: str) -> RepaymentResult:
         """Start a new round for a ``FAILED`` repayment, with new channel references.
 
@@ -240,15 +340,15 @@ class Router:
             record = await self._journal.load(key)
             if record is None:
                 raise UnknownRepayment(key)
+            if record.status is RepaymentStatus.FAILED and any(
+                    Outcome.SUCCEEDED in (a.outcome, a.resolution) for a in record.attempts):
+                # A channel answered SUCCEEDED after the repayment failed (a late answer):
+                # the borrower paid.  Corrected now; a new round would collect again.
+                await self._journal.start_watching(key, [
+                    c for c in watch_list(record, self._clock.now())
+                    if c.state is LateState.COLLECTED])
+                record = await self._late.settle(key)
             if record.status is RepaymentStatus.FAILED:
-                collected = [a for a in record.attempts
-                             if Outcome.SUCCEEDED in (a.outcome, a.resolution)]
-                if collected:
-                    # A channel answered SUCCEEDED after the repayment failed (a late
-                    # answer): a new round would collect a second time.
-                    raise TerminalStateError(
-                        key, f"failed (channel {collected[0].channel!r} reports it collected"
-                        " since: it needs a correction, not a new round)")
                 try:
                     record = await self._journal.new_round(key, self._clock.now())
                 except TerminalStateError:

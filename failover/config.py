@@ -12,10 +12,11 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, time, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, SettingsError
 
 from failover._currencies import MINOR_UNITS
@@ -23,6 +24,7 @@ from failover._errors import ConfigError
 
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 CodeOutcome = Literal["succeeded", "declined", "rejected", "unavailable", "unknown"]
+Fault = Literal["borrower", "channel"]
 _WEEKDAYS: tuple[Weekday, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _DAY_NAMES = {name: day for day in _WEEKDAYS for name in (day, {
     "mon": "monday", "tue": "tuesday", "wed": "wednesday", "thu": "thursday", "fri": "friday",
@@ -214,6 +216,57 @@ class MaintenanceWindow(_Model):
         return clock < self.end and yesterday in self.weekdays
 
 
+BORROWER_CODES = frozenset({
+    "insufficient_funds", "insufficient_balance", "account_frozen", "account_closed",
+    "card_expired", "invalid_account", "limit_exceeded", "do_not_honor",
+})
+"""Decline codes that are the borrower's side when no ``[channels.X.codes]`` entry gives
+them a ``fault`` (matched ignoring case): the money or the account was not there."""
+
+
+class CodeRule(_Model):
+    """What one provider code means (``[channels.X.codes]``): the outcome it gives an
+    answer, and whose fault a decline with it is, for the evidence report.
+
+    A file may give a plain outcome (``"51" = "declined"``) or a table
+    (``"51" = { outcome = "declined", fault = "borrower" }``); either key of the table
+    may be left out, not both.
+    """
+
+    outcome: CodeOutcome | None = None
+    """The outcome an answer with this code gets; ``None`` keeps the adapter's."""
+    fault: Fault | None = None
+    """``borrower`` or ``channel``; ``None`` leaves it to ``BORROWER_CODES``."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_outcome(cls, value: Any) -> Any:
+        # Refused here, not by the field, so that a bad plain value is reported at
+        # codes.CODE (as before tables were allowed), not at codes.CODE.outcome.
+        if isinstance(value, str):
+            if value not in _CODE_OUTCOMES:
+                raise PydanticCustomError("literal_error", "Input should be {expected}",
+                                          {"expected": _CODE_OUTCOMES_TEXT})
+            return {"outcome": value}
+        if not isinstance(value, dict | CodeRule):
+            raise PydanticCustomError(
+                "code_rule_type",
+                "Input should be an outcome ({expected}) or a table with outcome and/or fault",
+                {"expected": _CODE_OUTCOMES_TEXT})
+        return value
+
+    @model_validator(mode="after")
+    def _says_something(self) -> Self:
+        if self.outcome is None and self.fault is None:
+            raise ValueError("give outcome, fault or both")
+        return self
+
+
+_CODE_OUTCOMES: tuple[str, ...] = get_args(CodeOutcome)
+_CODE_OUTCOMES_TEXT = (", ".join(repr(o) for o in _CODE_OUTCOMES[:-1])
+                       + f" or {_CODE_OUTCOMES[-1]!r}")
+
+
 class ChannelConfig(_Model):
     """Everything configurable about one channel."""
 
@@ -242,10 +295,26 @@ class ChannelConfig(_Model):
     breaker: BreakerConfig = BreakerConfig()
     limits: LimitsConfig = LimitsConfig()
     maintenance: tuple[MaintenanceWindow, ...] = ()
-    codes: dict[str, CodeOutcome] = Field(default_factory=dict)
-    """Provider code -> outcome, so operators can classify codes without code changes.
-    A code not listed keeps the outcome the adapter gave (an unrecognised error is
-    ``unknown``, never a failure)."""
+    codes: dict[str, CodeRule] = Field(default_factory=dict)
+    """Provider code -> outcome and fault, so operators can classify codes without code
+    changes.  A code without an outcome keeps the one the adapter gave (an unrecognised
+    error is ``unknown``, never a failure)."""
+
+    @property
+    def outcome_map(self) -> dict[str, str]:
+        """Provider code -> outcome name, for the codes that set an outcome."""
+        return {code: rule.outcome for code, rule in self.codes.items()
+                if rule.outcome is not None}
+
+    def fault_of(self, code: str | None) -> Fault | None:
+        """Whose side a decline with ``code`` is: the ``fault`` its ``codes`` entry gives,
+        else ``"borrower"`` for the ``BORROWER_CODES``, else ``None`` (unclassified)."""
+        if code is None:
+            return None
+        rule = self.codes.get(code)
+        if rule is not None and rule.fault is not None:
+            return rule.fault
+        return "borrower" if code.lower() in BORROWER_CODES else None
 
     @field_validator("adapter")
     @classmethod
@@ -267,6 +336,44 @@ class RetryBudgetConfig(_Model):
     window_s: float = Field(default=10.0, gt=0)
 
 
+class LateConfig(_Model):
+    """When the background loop looks again for money that arrived late.
+
+    Each attempt settled by ``NOT_FOUND`` or never answered is re-queried ``checks_s``
+    seconds after its repayment ended (by default after 1 minute, 1 hour and 1 day);
+    the last one is the horizon, after which it is no longer watched.  An empty list
+    turns the re-queries off (collections proven otherwise are still settled)."""
+
+    checks_s: tuple[float, ...] = (60.0, 3600.0, 86400.0)
+    retry_s: float = Field(default=60.0, gt=0)
+    """When a check or a refund that proved nothing (channel down, unknown answer) is
+    tried again."""
+
+    @field_validator("checks_s")
+    @classmethod
+    def _ascending(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(v < 0 for v in value):
+            raise ValueError("checks_s must not be negative")
+        if list(value) != sorted(value):
+            raise ValueError("checks_s must be in ascending order")
+        return value
+
+
+class RemindersConfig(_Model):
+    """``failover.repayment.at_risk`` events before a repayment's ``due_at``."""
+
+    at_risk_s: tuple[float, ...] = ()
+    """Seconds before ``due_at`` at which a repayment not yet collected is reported at
+    risk, once per threshold (e.g. ``[86400, 7200]``: a day and two hours before)."""
+
+    @field_validator("at_risk_s")
+    @classmethod
+    def _positive(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(v <= 0 for v in value):
+            raise ValueError("at_risk_s must be positive")
+        return value
+
+
 class RouterConfig(_Model):
     """The router's configuration: a pass deadline and per-channel settings."""
 
@@ -274,6 +381,8 @@ class RouterConfig(_Model):
     """Bounds one pass over the channels for one repayment."""
     channels: dict[str, ChannelConfig] = Field(default_factory=dict)
     retry_budget: RetryBudgetConfig = RetryBudgetConfig()
+    late: LateConfig = LateConfig()
+    reminders: RemindersConfig = RemindersConfig()
 
     @model_validator(mode="after")
     def _distinct_priorities(self) -> Self:

@@ -11,6 +11,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from typing import Any, ClassVar
 
 import structlog
@@ -119,6 +120,8 @@ class RepaymentFailed(Event):
     key: str
     code: str
     attempts: int
+    alternatives: tuple[str, ...] = ()
+    """Channels the borrower could pay through by hand now: eligible, breaker not open."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +134,71 @@ class RepaymentPending(Event):
     name: ClassVar[str] = "failover.repayment.pending"
     key: str
     channel: str | None
+    reason: str
+    alternatives: tuple[str, ...] = ()
+    """Channels the borrower could pay through by hand now: eligible, breaker not open."""
+
+
+@dataclass(frozen=True, slots=True)
+class RepaymentAtRisk(Event):
+    """Not collected ``threshold_s`` before its due date: once per repayment per
+    threshold, across restarts and instances.  A service turns it into a reminder
+    ("auto-debit failed, pay with your bank card before 18:00")."""
+
+    name: ClassVar[str] = "failover.repayment.at_risk"
+    key: str
+    due_at: datetime
+    threshold_s: float
+    status: str
+    alternatives: tuple[str, ...] = ()
+    """Channels the borrower could pay through by hand now: eligible, breaker not open."""
+
+
+@dataclass(frozen=True, slots=True)
+class LateCollectionFound(Event):
+    """A channel collected under ``reference`` after the repayment's ending said it had
+    not (found by a re-query or a provider's callback)."""
+
+    name: ClassVar[str] = "failover.collection.late"
+    key: str
+    channel: str
+    reference: str
+    found_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class RepaymentCorrected(Event):
+    """A journaled correction changed a repayment's ending (``get()`` shows it): a
+    ``FAILED`` repayment whose money arrived is ``SUCCEEDED``."""
+
+    name: ClassVar[str] = "failover.repayment.corrected"
+    key: str
+    old_status: str
+    new_status: str
+    channel: str
+    reference: str
+
+
+@dataclass(frozen=True, slots=True)
+class RefundIssued(Event):
+    """A second collection was given back to the borrower."""
+
+    name: ClassVar[str] = "failover.refund.issued"
+    key: str
+    channel: str
+    reference: str
+    refund_reference: str
+
+
+@dataclass(frozen=True, slots=True)
+class RefundNeedsManual(Event):
+    """A second collection must be given back by hand: the channel cannot refund
+    (``no_refund_capability``) or refused (its code).  ``failover status`` lists it."""
+
+    name: ClassVar[str] = "failover.refund.manual"
+    key: str
+    channel: str
+    reference: str
     reason: str
 
 

@@ -625,8 +625,9 @@ async def test_a_cancelled_close_still_closes(tmp_path: Path):
     assert not router.is_open
 
 
-async def test_retry_refuses_a_failed_repayment_a_channel_reports_collected(make_router):
-    """A late SUCCEEDED journaled on a FAILED repayment: retry() does not collect again."""
+async def test_retry_corrects_a_failed_repayment_a_channel_reports_collected(make_router):
+    """A late SUCCEEDED journaled on a FAILED repayment: retry() does not collect again;
+    it corrects the ending to SUCCEEDED (the borrower paid) and keeps the old one."""
     card = ScriptedChannel("card", [ChannelResult.declined()])
     router = await make_router([card])
     failed = await router.repay(repayment())
@@ -634,9 +635,14 @@ async def test_retry_refuses_a_failed_repayment_a_channel_reports_collected(make
     await router._journal.finish_attempt(failed.key, 1, ChannelResult.succeeded("late-1"),
                                          FakeClock().now())
 
-    with pytest.raises(failover.TerminalStateError, match="correction"):
-        await router.retry(failed.key)
-    assert [] == collections(card)
+    result = await router.retry(failed.key)
+
+    assert (RepaymentStatus.SUCCEEDED, "card", "late-1") == (
+        result.status, result.channel, result.channel_reference)
+    assert [(RepaymentStatus.FAILED, RepaymentStatus.SUCCEEDED)] == [
+        (c.old_status, c.new_status) for c in result.corrections]
+    assert [] == collections(card)  # nothing more was asked of the channel
+    assert 1 == card.submits
 
 
 class ExitingSDK:

@@ -1,0 +1,401 @@
+"""Money that arrives late: found by re-querying, made right by a correction or a refund.
+
+A ``NOT_FOUND`` is trusted only as far as the world allows: a gateway may apply a request
+after a status query said it had none, and a process paused past its lease may still
+send one.  So when a repayment ends, every attempt settled by ``NOT_FOUND`` or never
+answered is watched (a ``LateCheck``) and re-queried on a schedule.  When money turns
+up, the rule below decides which collection the repayment keeps; every other one is
+refunded (journaled before the call, resolved by query after an unknown answer), or put
+on the manual-refund list when the channel cannot refund.
+
+Which collection is kept (``plan``): the one of the earliest round; within a round, the
+one the repayment's ending names, else the one found first.  So a ``FAILED`` repayment
+whose money arrived is corrected to ``SUCCEEDED`` (the old ending is kept in its
+corrections), and when ``retry(key)`` collected again in a later round meanwhile, that
+later collection is the one refunded.  The kept collection only ever moves to an earlier
+round, so nothing once refunded can become the kept one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from failover._channel import is_sync
+from failover._channels import ChannelSet
+from failover._clock import Clock
+from failover._errors import TerminalStateError, UnknownRepayment
+from failover._models import (
+    Attempt,
+    ChannelRequest,
+    ChannelResult,
+    Correction,
+    LateCheck,
+    LateState,
+    Outcome,
+    RefundState,
+    RepaymentStatus,
+)
+from failover._policy import invoke
+from failover.config import RouterConfig
+from failover.events import (
+    Event,
+    LateCollectionFound,
+    RefundIssued,
+    RefundNeedsManual,
+    RepaymentAtRisk,
+    RepaymentCorrected,
+)
+from failover.journal._base import Journal, Record, may_collect_late
+
+_log = logging.getLogger("failover")
+
+REFUND_SUFFIX = "-refund"
+
+
+@dataclass(frozen=True, slots=True)
+class LateSettings:
+    """When late collections are looked for and reminders sent (see ``LateConfig``)."""
+
+    checks_s: tuple[float, ...] = (60.0, 3600.0, 86400.0)
+    retry_s: float = 60.0
+    batch: int = 200
+    at_risk_s: tuple[float, ...] = ()
+
+
+def late_settings(config: RouterConfig) -> LateSettings:
+    return LateSettings(checks_s=config.late.checks_s, retry_s=config.late.retry_s,
+                        at_risk_s=config.reminders.at_risk_s)
+
+
+def refund_reference(reference: str) -> str:
+    """A refund's own reference: derived from the collection's, so every instance and
+    every retry asks the channel for the same refund (it is idempotent on it)."""
+    return reference + REFUND_SUFFIX
+
+
+def _collected(attempt: Attempt) -> bool:
+    return Outcome.SUCCEEDED in (attempt.outcome, attempt.resolution)
+
+
+def winner(record: Record) -> tuple[str, str, int] | None:
+    """(channel, reference, round) of the collection a ``SUCCEEDED`` ending rests on."""
+    if record.status is not RepaymentStatus.SUCCEEDED or record.channel is None:
+        return None
+    if record.corrections and record.corrections[-1].reference is not None:
+        last = record.corrections[-1]
+        for attempt in record.attempts:
+            if attempt.reference == last.reference:
+                return attempt.channel, attempt.reference, attempt.round
+    for attempt in reversed(record.attempts):
+        if attempt.channel == record.channel and attempt.round == record.round:
+            return attempt.channel, attempt.reference, attempt.round
+    return None
+
+
+def watch_list(record: Record, next_at: datetime) -> list[LateCheck]:
+    """The checks an ended repayment needs: each reference that may collect late is
+    watched; each proven collected outside the ending is a collection to settle."""
+    checks: dict[str, LateCheck] = {}
+    won = winner(record)
+    collected = {a.reference for a in record.attempts if _collected(a)}
+    for attempt in record.attempts:
+        ref = attempt.reference
+        if ref in checks or (won is not None and ref == won[1]):
+            continue
+        if ref in collected:
+            proof = next(a for a in record.attempts if a.reference == ref and _collected(a))
+            checks[ref] = LateCheck(
+                record.key, attempt.channel, ref, attempt.round, LateState.COLLECTED,
+                next_at=next_at, found_at=proof.finished_at or proof.started_at,
+                found_by="attempt", channel_reference=proof.channel_reference)
+        elif may_collect_late(attempt):
+            checks[ref] = LateCheck(record.key, attempt.channel, ref, attempt.round,
+                                    LateState.WATCHING, next_at=next_at)
+    return list(checks.values())
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What making a repayment right takes: a correction (perhaps displacing the
+    ending's collection) and the collections to refund."""
+
+    kept: str | None
+    correction: Correction | None
+    displaced: LateCheck | None
+    refunds: tuple[LateCheck, ...]
+
+
+def plan(record: Record, checks: Sequence[LateCheck], now: datetime,
+         ) -> Settlement:
+    """Decide, from the journal alone, which collection is kept and what is refunded."""
+    won = winner(record)
+    found = [c for c in checks if c.state is LateState.COLLECTED]
+    # (round, 0 for the ending's own, when found, reference): a total, stable order.
+    candidates: list[tuple[tuple[Any, ...], str]] = [
+        ((c.round, 1, c.found_at or now, c.reference), c.reference) for c in found
+        if won is None or c.reference != won[1]]
+    if won is not None:
+        candidates.append(((won[2], 0, record.updated_at, won[1]), won[1]))
+    if not candidates or record.status is RepaymentStatus.PENDING:
+        return Settlement(None, None, None, ())
+    kept = min(candidates)[1]
+    by_ref = {c.reference: c for c in found}
+    correction = displaced = None
+    if won is None or kept != won[1]:
+        chosen = by_ref[kept]
+        correction = Correction(
+            at=now, reason="late_collection", old_status=record.status,
+            old_channel=record.channel, old_channel_reference=record.channel_reference,
+            old_code=record.code, new_status=RepaymentStatus.SUCCEEDED,
+            new_channel=chosen.channel, new_channel_reference=chosen.channel_reference,
+            reference=kept, evidence=chosen.found_by)
+        if won is not None:
+            displaced = LateCheck(record.key, won[0], won[1], won[2], LateState.COLLECTED,
+                                  next_at=now, found_at=record.updated_at, found_by="ending",
+                                  channel_reference=record.channel_reference)
+    refunds = tuple(c for c in found if c.reference != kept
+                    and c.refund not in (RefundState.REFUNDED, RefundState.MANUAL))
+    return Settlement(kept, correction, displaced, refunds)
+
+
+def request_for(record: Record, reference: str) -> ChannelRequest:
+    return ChannelRequest(repayment_key=record.key, reference=reference,
+                          account=record.account, amount=record.amount,
+                          currency=record.currency, metadata=record.metadata)
+
+
+class LateWork:
+    """The background loop's share of issue "late collections": watch, re-query,
+    correct, refund, remind.  Every step is journaled before it acts and is safe to
+    run on several instances at once (compare-and-set on each check)."""
+
+    def __init__(self, journal: Journal, clock: Clock, channels: ChannelSet,
+                 emit: Callable[[Event], None], settings: Callable[[], LateSettings]) -> None:
+        self._journal = journal
+        self._clock = clock
+        self._channels = channels
+        self._emit = emit
+        self._settings = settings
+        self._reminded: set[tuple[str, float]] = set()
+
+    # ---- the sweep ---------------------------------------------------------------
+
+    async def sweep(self) -> None:
+        """One pass: watch ended repayments, work the checks that are due, remind."""
+        settings = self._settings()
+        await self._watch(settings)
+        now = self._clock.now()
+        claim = now + timedelta(seconds=max(settings.retry_s, 1.0))
+        for check in await self._journal.due_late_checks(now, settings.batch, claim):
+            try:
+                await self._work(check, settings)
+            except (UnknownRepayment, TerminalStateError):
+                continue  # moved meanwhile: the claim runs out and it comes back
+        if settings.at_risk_s:
+            await self._remind(settings)
+
+    async def _watch(self, settings: LateSettings) -> None:
+        keys = await self._journal.watched(settings.batch)
+        if not keys:
+            return
+        first = timedelta(seconds=settings.checks_s[0] if settings.checks_s else 0.0)
+        records = await self._journal.load_many(keys)
+        for key in keys:
+            record = records.get(key)
+            if record is None:
+                continue
+            checks = watch_list(record, record.updated_at + first) if settings.checks_s \
+                else [c for c in watch_list(record, record.updated_at)
+                      if c.state is LateState.COLLECTED]
+            await self._journal.start_watching(key, checks)
+
+    async def _work(self, check: LateCheck, settings: LateSettings) -> None:
+        record = await self._journal.load(check.key)
+        if record is None:
+            return
+        if record.status is RepaymentStatus.PENDING:
+            # A new round is running: its ending decides; look again after it.
+            await self._later(check, settings.retry_s)
+            return
+        if check.state is LateState.WATCHING:
+            await self._requery(record, check, settings)
+        elif check.state is LateState.COLLECTED:
+            await self.settle(record.key)
+
+    async def _later(self, check: LateCheck, seconds: float) -> None:
+        at = self._clock.now() + timedelta(seconds=seconds)
+        await self._journal.update_late_check(dataclasses.replace(check, next_at=at), check)
+
+    async def _requery(self, record: Record, check: LateCheck, settings: LateSettings) -> None:
+        lane = self._channels.layout.lanes.get(check.channel)
+        if lane is None:  # no longer configured: nothing can ask it
+            await self._later(check, settings.retry_s)
+            return
+        answer = await self._ask(lane.channel.query, (request_for(record, check.reference),),
+                                 lane.config.timeout_s, lane.config.outcome_map)
+        now = self._clock.now()
+        if answer.outcome is Outcome.SUCCEEDED:
+            await self.found(record.key, check.channel, check.reference,
+                             answer.channel_reference, "query", round=check.round)
+            return
+        if answer.outcome in (Outcome.UNKNOWN, Outcome.UNAVAILABLE):
+            await self._later(check, settings.retry_s)  # proved nothing: asked again
+            return
+        done = check.checks + 1
+        if answer.outcome is Outcome.NOT_FOUND and done < len(settings.checks_s):
+            gap = settings.checks_s[done] - settings.checks_s[done - 1]
+            moved = dataclasses.replace(check, checks=done,
+                                        next_at=now + timedelta(seconds=max(gap, 0.0)))
+        else:  # past the horizon, or the channel holds it as declined: never collects
+            moved = dataclasses.replace(check, checks=done, state=LateState.CLEARED,
+                                        next_at=None)
+        await self._journal.update_late_check(moved, check)
+
+    async def found(self, key: str, channel: str, reference: str,
+                    channel_reference: str | None, by: str, *, round: int | None = None
+                    ) -> Record:
+        """A channel collected under ``reference`` after the repayment's ending said
+        otherwise (a query, or a provider's callback): journaled, told, made right."""
+        now = self._clock.now()
+        if round is None:
+            record = await self._journal.load(key)
+            if record is None:
+                raise UnknownRepayment(key)
+            round = next((a.round for a in record.attempts if a.reference == reference), 1)
+        check = LateCheck(key, channel, reference, round, LateState.COLLECTED,
+                          next_at=now, found_at=now, found_by=by,
+                          channel_reference=channel_reference)
+        if await self._journal.collected_late(check):
+            self._emit(LateCollectionFound(key, channel, reference, by))
+        return await self.settle(key)
+
+    # ---- making it right -----------------------------------------------------------
+
+    async def settle(self, key: str) -> Record:
+        """Correct the ending if the kept collection is not the one it names, then
+        refund every other collection.  Safe to run anywhere, any number of times."""
+        for _ in range(3):
+            loaded = await self._journal.load(key)
+            if loaded is None:
+                raise UnknownRepayment(key)
+            record = loaded
+            checks = await self._journal.late_checks(key)
+            settlement = plan(record, checks, self._clock.now())
+            if settlement.correction is None:
+                break
+            try:
+                await self._journal.correct(key, record.round, settlement.correction,
+                                            settlement.displaced)
+            except TerminalStateError:
+                continue  # it moved meanwhile (a new round, another instance): again
+            c = settlement.correction
+            self._emit(RepaymentCorrected(key, c.old_status.value, c.new_status.value,
+                                          c.new_channel or "", c.reference or ""))
+        else:
+            return record  # still moving: the check comes back when its claim runs out
+        if record.status is RepaymentStatus.PENDING:
+            return record
+        for check in settlement.refunds:
+            await self._refund(record, check)
+        # The kept collection needs no more work.
+        for check in checks:
+            if check.reference == settlement.kept and check.next_at is not None:
+                await self._journal.update_late_check(
+                    dataclasses.replace(check, next_at=None), check)
+        return record
+
+    async def _refund(self, record: Record, check: LateCheck) -> None:
+        settings = self._settings()
+        lane = self._channels.layout.lanes.get(check.channel)
+        method = None if lane is None else getattr(lane.channel, "refund", None)
+        now = self._clock.now()
+        if method is None:
+            manual = dataclasses.replace(check, refund=RefundState.MANUAL, next_at=None,
+                                         refund_code="no_refund_capability", refund_at=now)
+            if await self._journal.update_late_check(manual, check):
+                self._emit(RefundNeedsManual(record.key, check.channel, check.reference,
+                                             manual.refund_code or ""))
+            return
+        assert lane is not None
+        ref = refund_reference(check.reference)
+        if check.refund in (RefundState.SENT, RefundState.UNKNOWN):
+            # Sent before (an unknown answer, or a process stopped): ask what became of it.
+            query = getattr(lane.channel, "query_refund", None)
+            if query is not None:
+                answer = await self._ask(query, (request_for(record, ref),),
+                                         lane.config.timeout_s, None)
+                if answer.outcome is Outcome.SUCCEEDED:
+                    await self._refunded(record, check, ref, answer)
+                    return
+                if answer.outcome is not Outcome.NOT_FOUND:
+                    await self._later(check, settings.retry_s)
+                    return
+            # Not found (or no way to ask): sent again under the same reference, which
+            # the channel deduplicates, so it is never refunded twice.
+        sent = dataclasses.replace(check, refund=RefundState.SENT, refund_reference=ref,
+                                   refund_at=now,
+                                   next_at=now + timedelta(seconds=settings.retry_s))
+        if not await self._journal.update_late_check(sent, check):
+            return  # another instance moved it
+        answer = await self._ask(method, (request_for(record, ref), check.channel_reference,
+                                          record.amount), lane.config.timeout_s, None)
+        if answer.outcome is Outcome.SUCCEEDED:
+            await self._refunded(record, sent, ref, answer)
+        elif answer.outcome in (Outcome.DECLINED, Outcome.REJECTED):
+            manual = dataclasses.replace(sent, refund=RefundState.MANUAL, next_at=None,
+                                         refund_code=answer.code or answer.outcome.value)
+            if await self._journal.update_late_check(manual, sent):
+                self._emit(RefundNeedsManual(record.key, check.channel, check.reference,
+                                             manual.refund_code or ""))
+        elif answer.outcome is Outcome.UNAVAILABLE:
+            await self._journal.update_late_check(
+                dataclasses.replace(sent, refund=RefundState.DUE, refund_code=answer.code),
+                sent)  # certainly not done: asked again at next_at
+        else:
+            await self._journal.update_late_check(
+                dataclasses.replace(sent, refund=RefundState.UNKNOWN,
+                                    refund_code=answer.code), sent)
+
+    async def _refunded(self, record: Record, check: LateCheck, ref: str,
+                        answer: ChannelResult) -> None:
+        done = dataclasses.replace(check, refund=RefundState.REFUNDED, refund_reference=ref,
+                                   refund_code=None, next_at=None,
+                                   refund_at=self._clock.now())
+        if await self._journal.update_late_check(done, check):
+            self._emit(RefundIssued(record.key, check.channel, check.reference, ref))
+
+    async def _ask(self, method: Callable[..., Any], args: tuple[Any, ...], timeout_s: float,
+                   codes: Mapping[str, str] | None) -> ChannelResult:
+        async def call(_: ChannelRequest) -> Any:
+            if is_sync(method):
+                return await asyncio.to_thread(method, *args)
+            return await method(*args)
+
+        return await invoke(call, args[0], timeout_s, codes, self._clock)
+
+    # ---- reminders ---------------------------------------------------------------------
+
+    async def _remind(self, settings: LateSettings) -> None:
+        now = self._clock.now()
+        for record in await self._journal.at_risk(now, max(settings.at_risk_s)):
+            assert record.due_at is not None
+            for threshold in settings.at_risk_s:
+                if (record.key, threshold) in self._reminded \
+                        or record.due_at - timedelta(seconds=threshold) > now:
+                    continue
+                if await self._journal.remind_once(record.key, threshold, now):
+                    self._emit(RepaymentAtRisk(
+                        record.key, record.due_at, threshold, record.status.value,
+                        self._channels.layout.alternatives(
+                            record.amount, record.currency, self._clock, record.preference)))
+                self._reminded.add((record.key, threshold))
+        if len(self._reminded) > 100_000:
+            with contextlib.suppress(KeyError):
+                self._reminded.clear()
