@@ -6,14 +6,16 @@
                                                   each skipped channel is skipped
     failover status --journal JOURNAL             repayments by status, pending, failovers
     failover inspect KEY --journal JOURNAL        one repayment's attempts
+    failover report --journal JOURNAL [--config CONFIG] [--since T --until T] [--late-only]
+                    [--format table|csv|json]     late repayments and whose faults made them late
     failover reconcile CONFIG --journal JOURNAL   resolve PENDING repayments now
     failover migrate JOURNAL                      create or upgrade a journal's schema
     failover demo [--journal JOURNAL]             a simulated day, audited
     failover bench [SCENARIO ...]                 strategies compared on simulated scenarios
 
 A JOURNAL is an SQLite file, or a PostgreSQL DSN (``postgresql://`` or ``postgres://``)
-whose tables live in ``--schema`` (default ``failover``).  ``status`` and ``inspect`` open
-it read-only; output names a DSN with its password masked.  Every command takes
+whose tables live in ``--schema`` (default ``failover``).  ``status``, ``inspect`` and
+``report`` open it read-only; output names a DSN with its password masked.  Every command takes
 ``--json`` for scripts.
 
 Exit codes: 0 success; 1 the command ran and found a problem (the demo's audit
@@ -417,6 +419,61 @@ def _inspect(args: argparse.Namespace) -> int:
     return OK
 
 
+# ---- report -----------------------------------------------------------------------------
+
+def _moment(option: str, text: str | None) -> datetime | None:
+    """An ISO 8601 date-time with a UTC offset, or a date (midnight UTC)."""
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise _Abort(f"{option}: not an ISO 8601 date or date-time: {text!r}") from exc
+    if len(text) == 10:  # a date alone: its midnight in UTC
+        return moment.replace(tzinfo=UTC)
+    if moment.utcoffset() is None:
+        raise _Abort(f"{option}: give a UTC offset, e.g. {text}+08:00 or {text}Z")
+    return moment
+
+
+async def _report_of(target: _Target, config: Any, now: datetime, since: datetime | None,
+                     until: datetime | None, late_only: bool) -> Any:
+    from failover.report import report
+
+    journal = _open_journal(target)
+    await journal.open()
+    try:
+        return await report(journal, config, now=now, since=since, until=until,
+                            late_only=late_only)
+    finally:
+        await journal.close()
+
+
+def _report(args: argparse.Namespace) -> int:
+    from failover.config import RouterConfig
+
+    target = _journal_target(args)
+    since, until = _moment("--since", args.since), _moment("--until", args.until)
+    now = _moment("--now", args.now) or datetime.now(UTC)
+    if since is not None and until is not None and until <= since:
+        raise _Abort(f"--until {args.until} is not after --since {args.since}")
+    config = RouterConfig()
+    if args.config is not None:
+        # Only codes and maintenance windows are read: adapters are not built.
+        _check_file(args.config)
+        config = RouterConfig.load(args.config)
+    result = _run(target, lambda: _report_of(target, config, now, since, until,
+                                             args.late_only))
+    form = "json" if args.json else args.format
+    if form == "json":
+        print(json.dumps({**target.data(), **result.to_dict()}, indent=2))
+    elif form == "csv":
+        sys.stdout.write(result.to_csv())
+    else:
+        print(f"{target.described}: {result.to_table()}")
+    return OK
+
+
 # ---- reconcile --------------------------------------------------------------------------
 
 async def _reconcile_data(config_path: Path, target: _Target) -> dict[str, Any]:
@@ -726,6 +783,20 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = command("inspect", _inspect, "one repayment's attempts, timestamps and outcomes")
     inspect.add_argument("key")
     journal_options(inspect)
+
+    report = command("report", _report, "late repayments and whether channel faults or the"
+                     " borrower's declines made them late (the evidence report)")
+    journal_options(report)
+    report.add_argument("--config", type=Path, default=None,
+                        help="the router config, for its code marks and maintenance windows"
+                             " (default: no config, the default borrower codes)")
+    report.add_argument("--since", help="due on or after this ISO 8601 date or date-time")
+    report.add_argument("--until", help="due before this ISO 8601 date or date-time")
+    report.add_argument("--now", help="measure unpaid ones to this date-time (default: now)")
+    report.add_argument("--late-only", action="store_true",
+                        help="only the late repayments (default: every one due in the range)")
+    report.add_argument("--format", choices=("table", "csv", "json"), default="table",
+                        help="output format (default table; --json is --format json)")
 
     reconcile = command("reconcile", _reconcile, "resolve PENDING repayments now")
     reconcile.add_argument("config", type=Path)
