@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 
-from failover._models import Attempt, Outcome
+from failover._models import SETTLING_SUBMIT_OUTCOMES, Attempt, Outcome
 
 
 class Verdict(enum.Enum):
@@ -75,6 +75,18 @@ def may_retry_same(verdict: Verdict, idempotent: bool) -> bool:
 def refuses_again(outcome: Outcome | None, resolution: Outcome | None) -> bool:
     """Whether an earlier attempt rules its channel out for the rest of the round."""
     return Outcome.DECLINED in (outcome, resolution) or Outcome.REJECTED in (outcome, resolution)
+
+
+def may_resend(outcome: Outcome | None, idempotent: bool) -> bool:
+    """Whether a channel may be sent an attempt's reference again later in the round.
+
+    Not a channel that does not deduplicate once an attempt of it went unanswered (no
+    answer, ``UNKNOWN``, ``NOT_FOUND``), even if a query said ``NOT_FOUND`` since: the
+    first submit may still apply (a provider's queue), and a second collection under
+    the same reference is one no query can tell apart from the first, so nothing could
+    find it and give it back.  The round goes on with the other channels; a new round
+    (``retry``) has new references."""
+    return idempotent or outcome in SETTLING_SUBMIT_OUTCOMES
 
 
 def decided_by(attempts: Iterable[Attempt]) -> tuple[Outcome, Attempt] | None:

@@ -264,7 +264,8 @@ def repayment_flow(plan: Plan) -> Flow:
                          attempt.code or "rejected")
         return
     run.refused = {a.channel for a in plan.attempts
-                   if decide.refuses_again(a.outcome, a.resolution)}
+                   if decide.refuses_again(a.outcome, a.resolution)
+                   or not decide.may_resend(a.outcome, _idempotent(plan, a.channel))}
 
     for doubt in plan.doubts:
         if doubt.channel not in plan.lanes:
@@ -275,6 +276,11 @@ def repayment_flow(plan: Plan) -> Flow:
             return
 
     yield from _pass(run)
+
+
+def _idempotent(plan: Plan, channel: str) -> bool:
+    lane = plan.lanes.get(channel)
+    return lane is not None and lane.idempotent
 
 
 def _after_settling(

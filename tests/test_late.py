@@ -457,3 +457,31 @@ async def test_a_collected_repayment_is_not_reminded(make_router, clock):
     await router.repay(repayment(due_at=clock.now() + timedelta(hours=1)))
     await router.sweep()
     assert [] == events.named("failover.repayment.at_risk")
+
+
+async def test_a_non_idempotent_channel_is_not_sent_a_reference_again_after_not_found(
+        make_router):
+    """A NOT_FOUND can lie (the first submit sits in the provider's queue).  A channel that
+    does not deduplicate must not get the same reference again in the round: a second
+    collection under the same reference is one no query can tell apart, so no sweep could
+    refund it.  card's outcome is unknown and stays so (PENDING); reconcile's query says
+    NOT_FOUND; the router fails over and never resends to card; the sweep then finds
+    card's money and corrects the ending."""
+    ledger = MemoryLedger()
+    card = ScriptedChannel("card", [Collected(ChannelResult.unknown("timeout")),
+                                    Collected(ChannelResult.unknown("timeout"))],
+                           queries=[ChannelResult.unknown("query_timeout")] * 3
+                           + [ChannelResult.not_found()], ledger=ledger)
+    wallet = ScriptedChannel("wallet", [ChannelResult.declined("insufficient_funds")],
+                             ledger=ledger)
+    router = await make_router([card, wallet], late_config(card={}, wallet={}))
+    assert RepaymentStatus.PENDING == (await router.repay(repayment())).status
+
+    [after] = await router.reconcile()
+    assert RepaymentStatus.FAILED == after.status
+    await router.sweep()
+    result = await router.get(KEY)
+
+    assert 1 == len(card.requests)
+    assert (RepaymentStatus.SUCCEEDED, "card") == (result.status, result.channel)
+    assert 1 == net(ledger)
