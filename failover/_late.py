@@ -326,6 +326,9 @@ class LateWork:
         assert lane is not None
         ref = refund_reference(check.reference)
         if check.refund in (RefundState.SENT, RefundState.UNKNOWN):
+            if check.refund_at is not None \
+                    and now < check.refund_at + timedelta(seconds=settings.retry_s):
+                return  # just sent, here or by another instance: its answer comes first
             # Sent before (an unknown answer, or a process stopped): ask what became of it.
             query = getattr(lane.channel, "query_refund", None)
             if query is not None:

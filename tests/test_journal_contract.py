@@ -6,15 +6,27 @@ there, once, with the capabilities it has.
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 import failover
-from failover import ChannelResult, Outcome, PendingReason, RepaymentStatus
+from failover import (
+    ChannelResult,
+    Correction,
+    LateCheck,
+    LateState,
+    Outcome,
+    PendingReason,
+    RefundState,
+    RepaymentStatus,
+    Skip,
+)
 from failover.journal import SCHEMA_VERSION
 from failover.journal._base import Journal, Resolution
 from failover.testing import FakeClock
@@ -538,3 +550,173 @@ async def test_a_journal_of_a_newer_schema_is_refused(factory, tmp_path):
 
     with pytest.raises(failover.SchemaVersionError, match="upgrade failover"):
         await factory.make(tmp_path).open()
+
+
+# ---- late collections, corrections, reminders (schema 2) ---------------------------
+
+
+
+async def _ended(journal: Journal, clock: FakeClock, answer: ChannelResult,
+                 status: RepaymentStatus, key: str = KEY, **finish: object) -> None:
+    number = await _sent(journal, clock, key=key)
+    await journal.finish(key, 1, status, "card" if status is RepaymentStatus.SUCCEEDED
+                         else None, answer.channel_reference, answer.code, clock.now(),
+                         attempt=(number, answer), **finish)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("answer", "status", "watched"), [
+    (ChannelResult.succeeded("c-1"), RepaymentStatus.SUCCEEDED, False),
+    (ChannelResult.declined(), RepaymentStatus.FAILED, False),
+    (ChannelResult.unknown(), RepaymentStatus.FAILED, True),
+    (ChannelResult.not_found(), RepaymentStatus.FAILED, True),
+], ids=["succeeded", "declined", "unknown", "not_found"])
+async def test_an_ending_that_may_still_collect_is_watched(journal, clock, answer, status,
+                                                           watched):
+    """finish marks for the watch exactly the endings with an attempt that may collect."""
+    await _ended(journal, clock, answer, status)
+
+    assert ([KEY] if watched else []) == await journal.watched(10)
+
+
+async def test_a_success_on_a_channel_the_ending_does_not_name_is_watched(journal, clock):
+    """A proven collection beside the ending's own is a second collection to settle."""
+    number = await _sent(journal, clock)
+    await journal.finish_attempt(KEY, number, ChannelResult.succeeded("c-1"), clock.now())
+    await journal.begin_attempt(KEY, 1, "wallet", "ref-2", clock.now())
+    await journal.finish(KEY, 1, RepaymentStatus.SUCCEEDED, "wallet", "w-1", None,
+                         clock.now())
+
+    assert [KEY] == await journal.watched(10)
+
+
+async def test_skips_are_kept_with_the_ending(journal, clock):
+    skip = Skip("card", "maintenance", clock.now(), 1)
+    await _ended(journal, clock, ChannelResult.succeeded("c-1"), RepaymentStatus.SUCCEEDED,
+                 skips=[skip])
+
+    assert (skip,) == (await journal.load(KEY)).skips
+
+
+def _check(key: str = KEY, reference: str = "ref-1", **kw: object) -> LateCheck:
+    fields = {"channel": "card", "round": 1, "state": LateState.WATCHING, **kw}
+    return LateCheck(key=key, reference=reference, **fields)  # type: ignore[arg-type]
+
+
+async def test_watching_adds_checks_once_and_clears_the_mark(journal, clock):
+    await _ended(journal, clock, ChannelResult.unknown(), RepaymentStatus.FAILED)
+    check = _check(next_at=clock.now())
+
+    await journal.start_watching(KEY, [check])
+    await journal.start_watching(KEY, [_check(next_at=clock.now() + timedelta(hours=1))])
+
+    assert [] == await journal.watched(10)
+    assert [check] == await journal.late_checks(KEY)
+
+
+async def test_due_checks_are_claimed_until_the_claim_runs_out(journal, clock):
+    await _ended(journal, clock, ChannelResult.unknown(), RepaymentStatus.FAILED)
+    await journal.start_watching(KEY, [_check(next_at=clock.now())])
+    claim = clock.now() + timedelta(seconds=60)
+
+    [due] = await journal.due_late_checks(clock.now(), 10, claim)
+
+    assert "ref-1" == due.reference
+    assert [] == await journal.due_late_checks(clock.now(), 10, claim)
+    assert 1 == len(await journal.due_late_checks(claim, 10, claim + timedelta(seconds=60)))
+
+
+async def test_a_check_moves_only_from_the_state_it_was_read_in(journal, clock):
+    """Compare-and-set: of two instances moving one check, one wins."""
+    await _ended(journal, clock, ChannelResult.unknown(), RepaymentStatus.FAILED)
+    check = _check(next_at=clock.now())
+    await journal.start_watching(KEY, [check])
+    sent = dataclasses.replace(check, state=LateState.COLLECTED, refund=RefundState.SENT)
+
+    assert await journal.update_late_check(sent, check)
+    assert not await journal.update_late_check(dataclasses.replace(sent, checks=9), check)
+    assert [sent] == await journal.late_checks(KEY)
+    assert [sent] == await journal.late_checks(state=LateState.COLLECTED,
+                                               refund=RefundState.SENT)
+    assert [] == await journal.late_checks(refund=RefundState.MANUAL)
+
+
+async def test_a_late_collection_is_recorded_once(journal, clock):
+    await _ended(journal, clock, ChannelResult.unknown(), RepaymentStatus.FAILED)
+    found = _check(state=LateState.COLLECTED, found_at=clock.now(), found_by="query",
+                   channel_reference="c-9", next_at=clock.now())
+
+    assert await journal.collected_late(found)
+    assert not await journal.collected_late(found)
+    assert [found] == await journal.late_checks(KEY)
+    with pytest.raises(failover.UnknownRepayment):
+        await journal.collected_late(_check(key="nobody", state=LateState.COLLECTED))
+
+
+def _correction(clock: FakeClock, old: RepaymentStatus = RepaymentStatus.FAILED,
+                old_code: str | None = "unknown") -> Correction:
+    return Correction(at=clock.now(), reason="late_collection", old_status=old,
+                      old_channel=None, old_channel_reference=None, old_code=old_code,
+                      new_status=RepaymentStatus.SUCCEEDED, new_channel="card",
+                      new_channel_reference="c-9", reference="ref-1", evidence="query")
+
+
+async def test_a_correction_changes_the_ending_and_keeps_the_old_one(journal, clock):
+    await _ended(journal, clock, ChannelResult.unknown(), RepaymentStatus.FAILED)
+    correction = _correction(clock)
+
+    record = await journal.correct(KEY, 1, correction)
+
+    assert (RepaymentStatus.SUCCEEDED, "card", "c-9", (correction,)) == (
+        record.status, record.channel, record.channel_reference, record.corrections)
+    assert (correction,) == (await journal.load(KEY)).corrections
+
+
+async def test_a_correction_of_an_ending_that_moved_is_refused(journal, clock):
+    """Compare-and-set on the ending: a second, stale correction changes nothing."""
+    await _ended(journal, clock, ChannelResult.unknown(), RepaymentStatus.FAILED)
+    await journal.correct(KEY, 1, _correction(clock))
+
+    with pytest.raises(failover.TerminalStateError):
+        await journal.correct(KEY, 1, _correction(clock))
+    assert 1 == len((await journal.load(KEY)).corrections)
+
+
+async def test_a_correction_that_displaces_the_ending_adds_it_to_refund(journal, clock):
+    await _ended(journal, clock, ChannelResult.succeeded("c-1"), RepaymentStatus.SUCCEEDED)
+    correction = Correction(
+        at=clock.now(), reason="late_collection", old_status=RepaymentStatus.SUCCEEDED,
+        old_channel="card", old_channel_reference="c-1", old_code=None,
+        new_status=RepaymentStatus.SUCCEEDED, new_channel="wallet",
+        new_channel_reference="w-1", reference="ref-0", evidence="query")
+    displaced = _check(state=LateState.COLLECTED, found_by="ending", next_at=clock.now(),
+                       channel_reference="c-1")
+
+    await journal.correct(KEY, 1, correction, displaced)
+
+    assert [displaced] == await journal.late_checks(KEY)
+
+
+async def test_find_reference_names_the_repayment(journal, clock):
+    await _sent(journal, clock)
+
+    assert KEY == await journal.find_reference("card", "ref-1")
+    assert None is await journal.find_reference("wallet", "ref-1")
+    assert None is await journal.find_reference("card", "ref-9")
+
+
+async def test_due_between_and_at_risk_read_due_dates(journal, clock):
+    now = clock.now()
+    for key, hours in (("a", 1), ("b", 5), ("c", 30)):
+        await journal.create(repayment(key=key, due_at=now + timedelta(hours=hours)), None, now)
+    await journal.create(repayment(key="undated"), None, now)
+
+    assert ["a", "b"] == [r.key for r in await journal.due_between(now, now + timedelta(hours=6))]
+    assert ["a", "b", "c"] == [r.key for r in await journal.due_between(None, None)]
+    assert ["a", "b"] == [r.key for r in await journal.at_risk(now, 6 * 3600)]
+    assert ["b"] == [r.key for r in await journal.at_risk(now + timedelta(hours=2), 6 * 3600)]
+
+
+async def test_a_reminder_is_noted_once(journal, clock):
+    assert await journal.remind_once(KEY, 3600.0, clock.now())
+    assert not await journal.remind_once(KEY, 3600.0, clock.now())
+    assert await journal.remind_once(KEY, 7200.0, clock.now())

@@ -1,0 +1,135 @@
+"""Late collections with two routers on one PostgreSQL journal: whoever finds the money,
+it is refunded once, and each reminder is sent once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+import failover
+from failover import ChannelResult, RefundState, RepaymentStatus
+from failover.testing import Collected, FakeClock, MemoryLedger, ScriptedChannel
+
+from .conftest import repayment
+from .test_late import KEY, Events, net
+
+Build = Callable[..., Any]
+
+
+@pytest.fixture
+async def routers(postgres_dsn: str, pg_schema: str) -> AsyncIterator[Build]:
+    opened: list[failover.Router] = []
+
+    async def build(name: str, channels: list[Any], config: failover.RouterConfig,
+                    clock: FakeClock, hooks: list[Any] = ()) -> failover.Router:
+        journal = failover.PostgresJournal(postgres_dsn, schema=pg_schema, instance=name,
+                                           migrate=True)
+        router = failover.Router(channels, journal, config, clock=clock, hooks=hooks,
+                                 background=False)
+        await router.open()
+        opened.append(router)
+        return router
+
+    yield build
+    for router in opened:
+        await router.close(grace_s=0)
+
+
+def config(**extra: Any) -> failover.RouterConfig:
+    return failover.RouterConfig.model_validate({
+        "channels": {name: {"settle_s": 0, "retry": {"max_attempts": 1}}
+                     for name in ("card", "wallet")},
+        "late": {"checks_s": [0, 3600]}, **extra})
+
+
+def channels(ledger: MemoryLedger, card_steps: list[Any] = ()) -> list[ScriptedChannel]:
+    return [ScriptedChannel("card", card_steps, queries=[ChannelResult.not_found()],
+                            ledger=ledger),
+            ScriptedChannel("wallet", ledger=ledger)]
+
+
+async def test_two_instances_sweeping_one_late_collection_refund_it_once(routers):
+    ledger = MemoryLedger()
+    clock = FakeClock()
+    a_channels = channels(ledger, [Collected(ChannelResult.unknown("timeout"))])
+    b_channels = channels(ledger)
+    a = await routers("a", a_channels, config(), clock)
+    b = await routers("b", b_channels, config(), clock)
+    result = await a.repay(repayment())
+    assert (RepaymentStatus.SUCCEEDED, "wallet") == (result.status, result.channel)
+    assert 2 == net(ledger)
+
+    await asyncio.gather(a.sweep(), b.sweep(), a.sweep(), b.sweep())
+    await asyncio.gather(a.sweep(), b.sweep())
+
+    assert 1 == net(ledger)
+    calls = [r.reference for ch in a_channels + b_channels for r in ch.refund_requests]
+    assert 1 == len(calls), calls
+    [check] = (await b.get_late(KEY)).late
+    assert RefundState.REFUNDED == check.refund
+
+
+async def test_a_callback_on_one_instance_and_a_sweep_on_the_other_refund_once(routers):
+    ledger = MemoryLedger()
+    clock = FakeClock()
+    a_channels = channels(ledger, [Collected(ChannelResult.unknown("timeout"))])
+    b_channels = channels(ledger)
+    a = await routers("a", a_channels, config(), clock)
+    b = await routers("b", b_channels, config(), clock)
+    await a.repay(repayment())
+    reference = a_channels[0].requests[0].reference
+
+    await asyncio.gather(
+        b.notify("card", reference, ChannelResult.succeeded("card-1")), a.sweep(),
+        b.notify("card", reference, ChannelResult.succeeded("card-1")))
+    clock.advance(120)
+    await asyncio.gather(a.sweep(), b.sweep())
+
+    assert 1 == net(ledger)
+    assert 1 == len(ledger.refunds())
+
+
+async def test_a_failed_repayment_is_corrected_once_by_two_instances(routers):
+    ledger = MemoryLedger()
+    clock = FakeClock()
+    events = Events()
+    a_channels = [ScriptedChannel("card", [Collected(ChannelResult.unknown("timeout"))],
+                                  queries=[ChannelResult.not_found()], ledger=ledger)]
+    b_channels = [ScriptedChannel("card", ledger=ledger)]
+    only_card = failover.RouterConfig.model_validate({
+        "channels": {"card": {"settle_s": 0, "retry": {"max_attempts": 1}}},
+        "late": {"checks_s": [0]}})
+    a = await routers("a", a_channels, only_card, clock, [events])
+    b = await routers("b", b_channels, only_card, clock, [events])
+    assert RepaymentStatus.FAILED == (await a.repay(repayment())).status
+
+    await asyncio.gather(a.sweep(), b.sweep(), a.sweep(), b.sweep())
+
+    result = await b.get(KEY)
+    assert (RepaymentStatus.SUCCEEDED, 1) == (result.status, len(result.corrections))
+    assert 1 == len(events.named("failover.repayment.corrected"))
+    assert 1 == net(ledger)
+    assert [] == ledger.refunds()
+
+
+async def test_two_instances_send_each_reminder_once(routers):
+    clock = FakeClock()
+    events = Events()
+    reminders = config(reminders={"at_risk_s": [86400, 3600]})
+    declines = [ChannelResult.declined("insufficient_funds")]
+    a = await routers("a", [ScriptedChannel("card", declines), ScriptedChannel("wallet",
+                                                                               declines)],
+                      reminders, clock, [events])
+    b = await routers("b", [ScriptedChannel("card"), ScriptedChannel("wallet")],
+                      reminders, clock, [events])
+    await a.repay(repayment(due_at=clock.now() + timedelta(hours=2)))
+
+    await asyncio.gather(a.sweep(), b.sweep())
+    clock.advance(3600 + 1)
+    await asyncio.gather(a.sweep(), b.sweep(), a.sweep())
+
+    assert [86400, 3600] == [e.threshold_s for e in events.named("failover.repayment.at_risk")]
