@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from failover._errors import ReentrantCallError, RouterClosedError
-from failover._models import Repayment, RepaymentResult
+from failover._models import ChannelResult, Repayment, RepaymentResult
 from failover._router import Router
 from failover.config import RouterConfig
 from failover.journal._base import Journal
@@ -176,6 +176,21 @@ class BlockingRouter:
 
     def retry(self, key: str) -> RepaymentResult:
         return self._run(self._router.retry(key))
+
+    def get_late(self, key: str) -> RepaymentResult | None:
+        return self._run(self._router.get_late(key))
+
+    def sweep(self) -> None:
+        self._run(self._router.sweep())
+
+    def notify(self, channel: str, reference: str, result: ChannelResult) -> RepaymentResult:
+        """``Router.notify`` for a Django/Flask webhook view."""
+        return self._run(self._router.notify(channel, reference, result))
+
+    def callback(self, channel: str, headers: Mapping[str, str], body: bytes
+                 ) -> RepaymentResult:
+        """``Router.callback``: the adapter checks the signature, then ``notify``."""
+        return self._run(self._router.callback(channel, headers, body))
 
     def reconfigure(self, config: RouterConfig) -> None:
         self._refuse_own_loop()

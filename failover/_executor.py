@@ -48,6 +48,7 @@ from failover._models import (
     Attempt,
     ChannelRequest,
     ChannelResult,
+    LateState,
     PendingReason,
     Repayment,
     RepaymentResult,
@@ -581,6 +582,10 @@ class Executor:
         self._gate(drive.record.key)
         request = drive.request(action.reference)
         asked = self._clock.monotonic()
+        noticed = await self._noticed(drive.record.key, action.reference)
+        if noticed is not None:
+            # A provider's callback (here or on another instance) proved it collected.
+            return Answer(self._clock.monotonic(), result=noticed, asked_at=asked)
         # Read before asking: a submit that was still running when the query was asked
         # can still land after the channel said NOT_FOUND.
         running = lane.runner is not None and lane.runner.running(action.reference)
@@ -605,6 +610,13 @@ class Executor:
             sent_by = lane.runner.ended_at(action.reference, self._clock)
         return Answer(self._clock.monotonic(), result=result, asked_at=asked, running=running,
                       sent_by=sent_by)
+
+    async def _noticed(self, key: str, reference: str) -> ChannelResult | None:
+        """The collection a callback journaled for ``reference``, as a query's answer."""
+        for check in await self._journal.late_checks(key, state=LateState.COLLECTED):
+            if check.reference == reference:
+                return ChannelResult.succeeded(check.channel_reference)
+        return None
 
     async def _on_finish(self, action: Finish, drive: _Drive) -> Answer:
         record = drive.record

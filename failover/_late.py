@@ -57,6 +57,8 @@ from failover.journal._base import Journal, Record, may_collect_late
 _log = logging.getLogger("failover")
 
 REFUND_SUFFIX = "-refund"
+CONCURRENCY = 8
+"""Checks worked at once in one pass (each may wait on a channel's timeout)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,11 +195,17 @@ class LateWork:
         await self._watch(settings)
         now = self._clock.now()
         claim = now + timedelta(seconds=max(settings.retry_s, 1.0))
-        for check in await self._journal.due_late_checks(now, settings.batch, claim):
-            try:
-                await self._work(check, settings)
-            except (UnknownRepayment, TerminalStateError):
-                continue  # moved meanwhile: the claim runs out and it comes back
+        due = await self._journal.due_late_checks(now, settings.batch, claim)
+        gate = asyncio.Semaphore(CONCURRENCY)
+
+        async def work(check: LateCheck) -> None:
+            async with gate:
+                try:
+                    await self._work(check, settings)
+                except (UnknownRepayment, TerminalStateError):
+                    pass  # moved meanwhile: the claim runs out and it comes back
+
+        await asyncio.gather(*(work(check) for check in due))
         if settings.at_risk_s:
             await self._remind(settings)
 

@@ -67,6 +67,7 @@ class Lifecycle:
         self._loop_task: asyncio.Task[None] | None = None
         self._emit = emit or (lambda event: None)
         self._late = late
+        self._late_task: asyncio.Future[Any] | None = None
 
     def require_open(self) -> None:
         if not self.is_open:
@@ -137,8 +138,11 @@ class Lifecycle:
                     if waiting:
                         self._spawn(drain(waiting, self._resume, self._concurrency,
                                           keep=False))
-                if self._late is not None:
-                    await self._late()  # late collections, refunds, reminders
+                if self._late is not None and (self._late_task is None
+                                               or self._late_task.done()):
+                    # Beside the loop, not in it: re-queries and refunds wait on channels,
+                    # and must not hold up the takeover of expired leases.
+                    self._late_task = self._spawn(self._late_pass())
             except (JournalError, OSError) as exc:
                 if down_since is None:
                     down_since = clock.monotonic()
@@ -156,10 +160,20 @@ class Lifecycle:
                 down_since = None
             await clock.sleep(settings.sweep_every_s)
 
-    def _spawn(self, work: Awaitable[Any]) -> None:
+    def _spawn(self, work: Awaitable[Any]) -> asyncio.Future[Any]:
         task = asyncio.ensure_future(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
+
+    async def _late_pass(self) -> None:
+        assert self._late is not None
+        try:
+            await self._late()
+        except (JournalError, OSError) as exc:  # the loop itself reports the journal down
+            _log.warning("late-collection pass stopped: %s", exc)
+        except Exception:
+            _log.exception("the late-collection pass failed; it runs again next sweep")
 
     async def wait_recovered(self) -> None:
         if self._recovery is not None:

@@ -340,8 +340,9 @@ class Router:
             record = await self._journal.load(key)
             if record is None:
                 raise UnknownRepayment(key)
-            if record.status is RepaymentStatus.FAILED and any(
-                    Outcome.SUCCEEDED in (a.outcome, a.resolution) for a in record.attempts):
+            if record.status is RepaymentStatus.FAILED and (any(
+                    Outcome.SUCCEEDED in (a.outcome, a.resolution) for a in record.attempts)
+                    or await self._journal.late_checks(key, state=LateState.COLLECTED)):
                 # A channel answered SUCCEEDED after the repayment failed (a late answer):
                 # the borrower paid.  Corrected now; a new round would collect again.
                 await self._journal.start_watching(key, [

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import shutil
 import tempfile
 from decimal import Decimal
@@ -67,7 +68,20 @@ PROFILES = {
     "queued": FaultProfile(late_apply=0.5, late_apply_s=4.0),
     "buggy": FaultProfile(raise_cancelled=0.4),
     "overrunning": FaultProfile(overrun=0.5),
+    # Applied after a status query said NOT_FOUND: found by the sweep or a callback.
+    "late": FaultProfile(late_apply_after_query=0.4, late_apply_after_s=120.0,
+                         callback_late=0.5),
+    "chatty": FaultProfile(unknown_collected=0.2, callback_instead=0.3, callback_before=0.3,
+                           callback_after=0.3, query_failure=0.5),
+    "refunds_fail": FaultProfile(late_apply_after_query=0.4, late_apply_after_s=30.0,
+                                 refund_fail=0.2, refund_unknown_applied=0.25,
+                                 refund_unknown_not_applied=0.25, refund_unavailable=0.2),
 }
+LATE_PROFILES = {"late", "chatty", "refunds_fail"}
+"""Profiles that can leave a second collection (or a FAILED repayment's money) standing
+until the late-collection sweep makes it right."""
+REFUNDS = {"auto_debit": True, "card": True, "wallet": False}
+"""wallet cannot refund: its second collections go to the manual-refund list."""
 SETTLE_S = 5.0
 CONFIG = failover.RouterConfig.model_validate({
     "deadline_s": 60,
@@ -79,7 +93,9 @@ CONFIG = failover.RouterConfig.model_validate({
                "timeout_s": 0.02 if name == "auto_debit" else 10}
         for name in CHANNELS
     },
+    "late": {"checks_s": [10, 600], "retry_s": 30},
 })
+HORIZON_S = 600.0
 RELOADS = [
     failover.RouterConfig.model_validate({
         **CONFIG.model_dump(),
@@ -144,6 +160,8 @@ class RouterMachine(RuleBasedStateMachine):
         self.crashes = 0
         self.callers: dict[asyncio.Task, Repayment] = {}
         self.seen_pending = False
+        self.late_exposed = False
+        self.corrected = 0
         self.folder = tempfile.mkdtemp(prefix="failover-prop-", dir=SHM)
         self.journal: failover.Journal = self._journal()
         self.channels: dict[str, SimulatedChannel] = {}
@@ -185,9 +203,21 @@ class RouterMachine(RuleBasedStateMachine):
             kind = SyncSimulatedChannel if name == "auto_debit" else SimulatedChannel
             self.channels[name] = kind(
                 name, PROFILES["healthy"], seed=seed, idempotent=IDEMPOTENT[name],
-                clock=self.clock, ledger=self.ledger,
+                clock=self.clock, ledger=self.ledger, callbacks=self.callback,
+                refunds=REFUNDS[name],
             )
         self.open_router()
+
+    async def callback(self, channel: str, reference: str,
+                       result: failover.ChannelResult) -> None:
+        """A provider's webhook reaches whichever router is open (a service behind a load
+        balancer); one that reaches a closed or crashing router is lost, as a webhook
+        answered 503 would be until the provider retries."""
+        router = self.router
+        if router is None or not router.is_open:
+            return
+        with contextlib.suppress(SimulatedCrash, failover.RouterClosedError):
+            await router.notify(channel, reference, result)
 
     def crash_and_restart(self) -> None:
         """Drop the router without closing it (nothing more is written), reopen the journal."""
@@ -348,10 +378,25 @@ class RouterMachine(RuleBasedStateMachine):
     @rule(channel=st.sampled_from(CHANNELS), profile=st.sampled_from(sorted(PROFILES)))
     def change_faults(self, channel: str, profile: str) -> None:
         self.channels[channel].profile = PROFILES[profile]
+        self.late_exposed = self.late_exposed or profile in LATE_PROFILES
 
-    @rule(seconds=st.sampled_from([1, 10, 30, 300]))
+    @rule(seconds=st.sampled_from([1, 10, 30, 300, 900]))
     def time_passes(self, seconds: int) -> None:
         self.clock.advance(seconds)
+
+    @rule()
+    def sweep(self) -> None:
+        """The background loop's late-collection pass: re-queries, corrections, refunds."""
+        assert self.router is not None
+        try:
+            self.run(self.router.sweep())
+        except (SimulatedCrash, failover.RouterClosedError):
+            self.crash_and_restart()
+        self.run(self.drain_callbacks())
+
+    async def drain_callbacks(self) -> None:
+        for channel in self.channels.values():
+            await channel.drain_callbacks()
 
     @rule()
     def crash(self) -> None:
@@ -420,29 +465,60 @@ class RouterMachine(RuleBasedStateMachine):
         if self.router is None:
             return
         results = self.results()
-        snapshot = audit(results, [self.ledger])
+        snapshot = audit(results, [self.ledger], manual=self.manual())
         self.seen_pending = self.seen_pending or snapshot.pending > 0
-        self.check(snapshot, results)
+        # Until the sweep has made them right, late collections may stand as a second
+        # collection or as a FAILED repayment's money; nothing else may, ever.
+        self.check(snapshot, results, late_pending=self.late_exposed)
         for key, result in results.items():
             if result is not None and result.status is RepaymentStatus.SUCCEEDED:
-                # Terminal is final: a success never changes.
+                # Terminal is final, except for a journaled correction.
                 before = self.succeeded.setdefault(key, result.channel_reference)
-                assert before == result.channel_reference, key
+                if before != result.channel_reference:
+                    assert result.corrections, f"{key}: ending changed without a correction"
+                    self.succeeded[key] = result.channel_reference
             elif key in self.succeeded:
                 raise AssertionError(f"{key} was SUCCEEDED and is now {result}")
+            if result is not None and result.corrections:
+                first = result.corrections[0]
+                assert first.new_status is RepaymentStatus.SUCCEEDED, key
 
-    def check(self, snapshot, results, allow_pending: bool = True) -> None:
-        """assert_invariants, and on failure what the journal and the ledger say of each key."""
+    def manual(self) -> list[str]:
+        """Keys on the manual-refund list, as the journal holds it."""
+        assert self.router is not None
+        router = self.router
+
+        async def listed() -> list[str]:
+            return [c.key for c in await router._journal.late_checks(
+                refund=failover.RefundState.MANUAL)]
+
+        try:
+            return self.run(listed())
+        except failover.RouterClosedError:
+            return []
+
+    def check(self, snapshot, results, allow_pending: bool = True,
+              late_pending: bool = False) -> None:
+        """assert_invariants, and on failure what the journal and the ledger say of each key.
+
+        ``late_pending``: the sweep may not have run yet, so duplicates and paid FAILED
+        repayments are allowed; refunds twice, refunds of the only collection, false
+        successes and strays are not."""
+        if late_pending:
+            snapshot = dataclasses.replace(snapshot, duplicates=(), lost=())
         try:
             assert_invariants(snapshot, allow_pending=allow_pending)
         except AssertionError as failure:
             troubled = {*snapshot.duplicates, *snapshot.lost, *snapshot.false_successes,
-                        *snapshot.strays, *([] if allow_pending else snapshot.pending_keys)}
+                        *snapshot.strays, *snapshot.refunded_twice, *snapshot.refunded_only,
+                        *([] if allow_pending else snapshot.pending_keys)}
             lines = [str(failure)]
             for key in sorted(troubled)[:3]:
                 lines.append(f"{key}: {results.get(key)}")
                 collected = [c for c in self.ledger.collections() if c.repayment_key == key]
                 lines.append(f"  collected: {collected}")
+                refunded = [r for r in self.ledger.refunds() if r.repayment_key == key]
+                lines.append(f"  refunded: {refunded}")
             raise AssertionError("\n".join(lines)) from None
 
     def teardown(self) -> None:
@@ -456,8 +532,15 @@ class RouterMachine(RuleBasedStateMachine):
                         break
                     except (SimulatedCrash, failover.RouterClosedError):
                         self.crash_and_restart()
+                # Past the sweep horizon: every late collection found and made right.
+                for _ in range(8):
+                    self.clock.advance(HORIZON_S / 4)
+                    self.sweep()
                 results = self.results()
-                final = audit(results, [self.ledger])
+                final = audit(results, [self.ledger], manual=self.manual())
+                event(f"refunds: {min(final.refunds, 3)}{'+' if final.refunds >= 3 else ''}")
+                event(f"manual refunds: {bool(final.manual)}")
+                event(f"corrected: {any(r and r.corrections for r in results.values())}")
                 # Coverage of the interesting paths, shown by --hypothesis-show-statistics.
                 event(f"crashes: {min(self.crashes, 3)}{'+' if self.crashes >= 3 else ''}")
                 event(f"saw pending: {self.seen_pending}")
