@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
+from decimal import Decimal
 
 import pytest
 
+from failover import Repayment
 from failover.bench import SCENARIOS, SCHEMA, VirtualTimeLoop, run_bench
-from failover.bench._engine import Call, Finished, measure, percentile
-from failover.bench._scenarios import Scenario
+from failover.bench._engine import (
+    LATE_METRICS,
+    Call,
+    Finished,
+    TimedLedger,
+    measure,
+    measure_late,
+    percentile,
+)
+from failover.bench._scenarios import LATE_STRATEGIES, Scenario
 from failover.cli import main
-from failover.testing import Collection, MemoryLedger
+from failover.testing import Collection, MemoryLedger, Refund
 
 METRICS = {
     "repayments", "succeeded", "failed", "pending", "pending_at_end_of_traffic", "duplicates",
@@ -126,7 +137,7 @@ def test_json_schema_is_stable(tmp_path, capsys):
     assert {"schema", "seed", "repayments", "config", "elapsed_s", "scenarios"} == set(data)
     assert ["steady", "declines"] == list(data["scenarios"])
     for scenario in data["scenarios"].values():
-        assert {"description", "duration_s", "trouble", "crash_at", "burst",
+        assert {"description", "duration_s", "trouble", "crash_at", "burst", "horizon_s",
                 "strategies"} == set(scenario)
         assert ["naive", "retry-only", "failover"] == list(scenario["strategies"])
         for metrics in scenario["strategies"].values():
@@ -170,3 +181,140 @@ def test_unknown_scenario_is_a_usage_error(tmp_path, capsys):
 def test_every_scenario_is_described():
     """Each scenario has a description for the table and the plots."""
     assert all(s.description for s in SCENARIOS.values())
+
+
+# ---- late: money that arrives after the answer ---------------------------------------------
+
+def net_by_ledger(run):
+    """Collections minus refunds per key, counted from the run's ledger alone."""
+    net = Counter(c.repayment_key for c in run.ledger.collections())
+    net.subtract(Counter(r.repayment_key for r in run.ledger.refunds()))
+    return net
+
+
+def test_late_sweep_makes_every_late_collection_right_and_no_sweep_does_not():
+    """Same traffic, same late-applying channels: after the horizon, failover with the sweep
+    leaves nobody charged twice or shown unpaid who paid (bar the manual-refund list, which
+    a channel without refunds fills); without the sweep, and for naive and retry-only,
+    duplicates and paid-but-FAILED borrowers stay.  Every figure recounted from the ledgers."""
+    results, _ = run_bench(["late"], repayments=150, seed=1)
+
+    runs = {run.strategy: run for run in results["late"][1]}
+    assert list(LATE_STRATEGIES) == list(runs)
+    for run in runs.values():
+        net = net_by_ledger(run)
+        over = {k for k, (status, _) in run.final.items()
+                if net[k] > (0 if status == "failed" else 1)}
+        manual = run.metrics["manual"]
+        charged_twice = {k for k, n in Counter(c.repayment_key
+                                               for c in run.ledger.collections()).items()
+                         if n > 1}
+        # Every key over what its status allows is a duplicate left or a paid-but-FAILED
+        # borrower (one charged twice and shown FAILED is both), or on the manual-refund
+        # list: a SUCCEEDED repayment whose second collection is to be given back by hand.
+        dup_left = {k for k in over if net[k] > 1}
+        paid_failed = {k for k in over if run.final[k][0] == "failed"}
+        assert (len(dup_left), len(paid_failed)) == (run.metrics["duplicates"] + manual,
+                                                     run.metrics["lost"])
+        assert len(charged_twice) == run.metrics["charged_twice"]
+        assert len(run.ledger.refunds()) == run.metrics["refunds"]
+        assert (0, 0) == (run.metrics["refunded_twice"], run.metrics["refunded_only"])
+        assert all(n >= 0 for n in net.values())
+        assert 450 == run.metrics["repayments"]  # 150 an hour for 3 hours
+
+    swept, unswept = runs["failover"].metrics, runs["failover-no-sweep"].metrics
+    assert (0, 0) == (swept["duplicates"], swept["lost"])
+    net = net_by_ledger(runs["failover"])
+    owed = [k for k, (status, _) in runs["failover"].final.items()
+            if net[k] > (0 if status == "failed" else 1)]
+    assert swept["manual"] == len(owed)
+    assert all(runs["failover"].final[k][0] == "succeeded" and net[k] == 2 for k in owed)
+    assert min(swept["refunds"], swept["corrections"], swept["manual"]) > 0
+    assert swept["sweeps"] > 0
+    # Each wrong the sweep found was made right by a refund or a correction, within the
+    # late-check schedule (60 s, then 3600 s after the ending) plus a sweep's interval.
+    assert swept["made_right"] == len(runs["failover"].times_to_right) > 0
+    assert 0 < swept["time_to_right_p50_s"] <= swept["time_to_right_max_s"] < 3600 + 60
+    assert min(unswept["duplicates"], unswept["lost"]) > 0
+    assert (0, 0, 0) == (unswept["refunds"], unswept["corrections"], unswept["sweeps"])
+    assert unswept["time_to_right_max_s"] is None
+    for name in ("naive", "retry-only"):
+        assert runs[name].metrics["duplicates"] > 0
+        assert 0 == runs[name].metrics["refunds"]
+    # The borrowers still wronged at the end: the manual list for the swept run.
+    assert swept["manual"] == runs["failover"].wronged[-1][1]
+    assert unswept["late_collections"] > 0
+
+
+class StubClock:
+    def __init__(self) -> None:
+        self.at = 0.0
+
+    def monotonic(self) -> float:
+        return self.at
+
+
+def test_late_metrics_from_a_hand_checked_trace():
+    """measure_late() on six repayments worked out by hand."""
+    clock = StubClock()
+    ledger = TimedLedger(clock)
+
+    def collect(at: float, key: str, channel: str) -> None:
+        clock.at = at
+        ledger.record(Collection(channel, f"{key}/{channel}", key, Decimal(1), f"{channel}-{key}"))
+
+    collect(9, "a", "q")   # a: SUCCEEDED on q at 10; p collects late at 50, refunded at 100
+    collect(50, "a", "p")
+    clock.at = 100
+    ledger.record_refund(Refund("p", "a/p-refund", "a/p", "a", Decimal(1)))
+    collect(30, "b", "p")  # b: FAILED at 20; p collects late at 30; corrected at 90
+    collect(4, "c", "q")   # c: SUCCEEDED at 5; p collects late at 40, never refunded
+    collect(40, "c", "p")
+    collect(25, "d", "p")  # d: FAILED at 6; p collects late at 25: paid, shown FAILED
+    collect(6, "e", "q")   # e: SUCCEEDED at 7; p collects late at 45; on the manual list
+    collect(45, "e", "p")
+    collect(2.5, "f", "q")  # f: SUCCEEDED at 3, nothing late
+    finished = {"a": Finished(0, 10, "succeeded", "q"), "b": Finished(0, 20, "failed", None),
+                "c": Finished(0, 5, "succeeded", "q"), "d": Finished(0, 6, "failed", None),
+                "e": Finished(0, 7, "succeeded", "q"), "f": Finished(0, 3, "succeeded", "q")}
+    final = {k: (f.status, f.channel) for k, f in finished.items()}
+    final["b"] = ("succeeded", "p")
+    repayments = {k: Repayment(key=k, account="6222000011112222", amount=Decimal(1),
+                               currency="CNY") for k in finished}
+
+    m = measure_late(repayments, finished, final, ledger,
+                     corrected_at={"b": [(90.0, "failed", "succeeded")]}, manual={"e"},
+                     reconciled_at=None)
+
+    assert (1, 1, 1) == (m["duplicates"], m["lost"], m["manual"])  # c, d, e
+    assert (5, 3, 1, 1) == (m["late_collections"], m["charged_twice"], m["refunds"],
+                            m["corrections"])
+    assert (2, 55.0, 60.0) == (m["made_right"], m["time_to_right_p50_s"],
+                               m["time_to_right_max_s"])
+    assert [50.0, 60.0] == m["_times_to_right"]
+    assert [(25, 1), (30, 2), (40, 3), (45, 4), (50, 5), (90, 4), (100, 3)] == m["_wronged"]
+
+
+def test_late_same_seed_same_figures():
+    """The late scenario is deterministic: one seed, one set of figures."""
+    first = run_bench(["late"], repayments=40, seed=4)[1]
+    second = run_bench(["late"], repayments=40, seed=4)[1]
+
+    assert first["scenarios"] == second["scenarios"]
+
+
+def test_bench_late_json_plot_and_exit_code(tmp_path, capsys):
+    """failover bench late: four strategies with the late metrics, its own plot, and exit 0
+    (the failover strategy, which sweeps, leaves no duplicate and no loss)."""
+    pytest.importorskip("matplotlib")
+
+    code = main(["bench", "late", "--repayments", "30", "--out", str(tmp_path), "--json"])
+
+    data = json.loads(capsys.readouterr().out)
+    late = data["scenarios"]["late"]
+    assert 0 == code
+    assert list(LATE_STRATEGIES) == list(late["strategies"])
+    assert 7200 == late["horizon_s"]
+    for metrics in late["strategies"].values():
+        assert METRICS | set(LATE_METRICS) == set(metrics)
+    assert ["late.png", "outcomes.png"] == sorted(p.name for p in tmp_path.glob("*.png"))

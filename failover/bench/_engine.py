@@ -4,11 +4,12 @@ against the simulated channels' ledgers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from random import Random
 from typing import Any
@@ -16,7 +17,15 @@ from typing import Any
 from tenacity import AsyncRetrying, retry_if_result, stop_after_attempt, wait_exponential
 
 from failover._eligibility import priority_order
-from failover._models import ChannelRequest, ChannelResult, Outcome, Repayment
+from failover._models import (
+    ChannelRequest,
+    ChannelResult,
+    Outcome,
+    RefundState,
+    Repayment,
+    RepaymentResult,
+    RepaymentStatus,
+)
 from failover._policy import invoke
 from failover._router import Router
 from failover.bench._loop import START, LoopClock, VirtualTimeLoop
@@ -24,7 +33,15 @@ from failover.bench._scenarios import BASELINE, IDEMPOTENT, Scenario
 from failover.config import ChannelConfig, RouterConfig
 from failover.events import BreakerOpened, Event
 from failover.journal import MemoryJournal
-from failover.testing import FaultProfile, MemoryLedger, SimulatedChannel, crash
+from failover.testing import (
+    Collection,
+    FaultProfile,
+    MemoryLedger,
+    Refund,
+    SimulatedChannel,
+    audit,
+    crash,
+)
 
 STRATEGIES = ("naive", "retry-only", "failover")
 
@@ -47,18 +64,53 @@ class Call:
     outcome: str
 
 
-class Recorded:
-    """A channel wrapper that logs every submit, for detect/recover times and failovers."""
+class TimedLedger(MemoryLedger):
+    """A ledger that also notes when (simulated seconds) each collection and refund
+    happened: the base of the time a late collection took to be made right."""
 
-    def __init__(self, inner: SimulatedChannel, log: list[Call], clock: LoopClock) -> None:
+    def __init__(self, clock: LoopClock) -> None:
+        super().__init__()
+        self._clock = clock
+        self.collected_at: list[tuple[float, Collection]] = []
+        self.refunded_at: list[tuple[float, Refund]] = []
+
+    def record(self, collection: Collection) -> None:
+        super().record(collection)
+        self.collected_at.append((self._clock.monotonic(), collection))
+
+    def record_refund(self, refund: Refund) -> None:
+        super().record_refund(refund)
+        self.refunded_at.append((self._clock.monotonic(), refund))
+
+
+class Recorded:
+    """A channel wrapper that logs every submit, for detect/recover times and failovers.
+
+    It offers ``refund``/``query_refund`` only when ``refunds`` is set and the channel
+    has them (the router looks for the attribute).  On simulated time the provider's
+    queue of late applications moves when it is due (a ``FakeClock`` would do this
+    itself; the loop's clock needs a timer)."""
+
+    refund: Any
+    query_refund: Any
+
+    def __init__(self, inner: SimulatedChannel, log: list[Call], clock: LoopClock,
+                 refunds: bool = False) -> None:
         self.inner = inner
         self.name = inner.name
         self.idempotent = inner.idempotent
         self._log = log
         self._clock = clock
+        if refunds and hasattr(inner, "refund"):
+            self.refund = inner.refund
+            self.query_refund = inner.query_refund
 
     async def submit(self, request: ChannelRequest) -> ChannelResult:
         started = self._clock.monotonic()
+        profile = self.inner.profile
+        if profile.late_apply_after_query:  # this submit may be queued: apply it on time
+            asyncio.get_running_loop().call_at(started + profile.late_apply_after_s,
+                                               self.inner.apply_due)
         try:
             result = await self.inner.submit(request)
         except BaseException as exc:
@@ -95,8 +147,14 @@ class Strategy:
     async def crash(self) -> None:
         """The process died: in-memory state is gone (the engine cancels the callers)."""
 
+    async def horizon(self, until: float) -> None:
+        """After the traffic: the run goes on to simulated second ``until``."""
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(max(0.0, until - loop.time()))
+
     async def settle(self, keys: Sequence[str]) -> dict[str, tuple[str, str | None]]:
-        """After the traffic, with channels healthy: the final state of every key."""
+        """After the traffic (with channels healthy, unless the scenario has a horizon):
+        the final state of every key."""
         return {}
 
     def breaker_log(self) -> list[tuple[float, str]]:
@@ -148,18 +206,30 @@ class RetryOnly(Strategy):
 
 
 class Failover(Strategy):
-    """This library: Router with the given config on a journal that survives the crash."""
+    """This library: Router with the given config on a journal that survives the crash.
+
+    With ``sweep_every_s`` it calls ``router.sweep()`` that often on the simulated
+    clock, as ``Router(background=True)`` or a scheduled job would: late collections are
+    found, corrected and refunded."""
 
     name = "failover"
 
     def __init__(self, channels: Sequence[Recorded], config: RouterConfig,
-                 clock: LoopClock) -> None:
+                 clock: LoopClock, sweep_every_s: float | None = None) -> None:
         super().__init__(channels, config, clock)
         self.journal = MemoryJournal()
         self.failovers = 0
         self.breaker_opens = 0
         self._breaker_history: list[tuple[float, str]] = []
         self.router = self._router()
+        self.sweep_every_s = sweep_every_s
+        self.sweeps = 0
+        self._sweeper: asyncio.Task[None] | None = None
+        self.corrected_at: dict[str, list[tuple[float, str, str]]] = {}
+        """Key -> (simulated second, old status, new status) of each correction."""
+        self.manual: set[str] = set()
+        """Keys on the manual-refund list at the end."""
+        self.reconciled_at: float | None = None
 
     def _router(self) -> Router:
         return Router(self.channels, self.journal, self.config, clock=self.clock,
@@ -171,6 +241,24 @@ class Failover(Strategy):
 
     async def open(self) -> None:
         await self.router.open()
+        self._start_sweeping()
+
+    def _start_sweeping(self) -> None:
+        if self.sweep_every_s is not None:
+            self._sweeper = asyncio.create_task(self._sweep_forever(self.sweep_every_s))
+
+    async def _sweep_forever(self, every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            await self.router.sweep()
+            self.sweeps += 1
+
+    async def _stop_sweeping(self) -> None:
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper  # a sweep that failed raises here
 
     async def repay(self, repayment: Repayment) -> tuple[str, str | None]:
         result = await self.router.repay(repayment)
@@ -178,18 +266,32 @@ class Failover(Strategy):
 
     async def crash(self) -> None:
         self._breaker_history += self.breaker_log()
+        await self._stop_sweeping()
         crash(self.router)
         await asyncio.sleep(0)
         self.router = self._router()  # breakers start closed again, as in a new process
         await self.router.open()
+        self._start_sweeping()
+
+    async def horizon(self, until: float) -> None:
+        await self.router.wait_recovered()
+        await self.router.reconcile()
+        self.reconciled_at = asyncio.get_running_loop().time()
+        await super().horizon(until)
 
     async def settle(self, keys: Sequence[str]) -> dict[str, tuple[str, str | None]]:
+        await self._stop_sweeping()
         await self.router.wait_recovered()
         await self.router.reconcile()
         final = {}
         for key in keys:
             result = await self.router.get(key)
             final[key] = (result.status.value, result.channel) if result else ("missing", None)
+            if result is not None and result.corrections:
+                self.corrected_at[key] = [
+                    (seconds_since_start(c.at), c.old_status.value, c.new_status.value)
+                    for c in result.corrections]
+        self.manual = {c.key for c in await self.journal.late_checks(refund=RefundState.MANUAL)}
         await self.router.close()
         return final
 
@@ -198,9 +300,19 @@ class Failover(Strategy):
         return self._breaker_history + list(self.router.breaker(primary).transitions)
 
 
-FACTORIES: dict[str, Callable[[Sequence[Recorded], RouterConfig, LoopClock], Strategy]] = {
-    "naive": Naive, "retry-only": RetryOnly, "failover": Failover,
+Factory = Callable[[Sequence[Recorded], RouterConfig, LoopClock, Scenario], Strategy]
+FACTORIES: dict[str, Factory] = {
+    "naive": lambda channels, config, clock, _: Naive(channels, config, clock),
+    "retry-only": lambda channels, config, clock, _: RetryOnly(channels, config, clock),
+    "failover": lambda channels, config, clock, scenario: Failover(
+        channels, config, clock, sweep_every_s=scenario.sweep_every_s),
+    "failover-no-sweep": lambda channels, config, clock, _: Failover(channels, config, clock),
 }
+
+
+def seconds_since_start(moment: datetime) -> float:
+    """The simulated second a wall time of the router's clock stands for."""
+    return (moment - START).total_seconds()
 
 
 # ---- traffic and runs ----------------------------------------------------------------------
@@ -236,6 +348,15 @@ class StrategyRun:
     metrics: dict[str, Any]
     timeline: list[Finished]
     breaker: list[tuple[float, str]] = field(default_factory=list)
+    wronged: list[tuple[float, int]] = field(default_factory=list)
+    """Scenarios with a horizon: (simulated second, borrowers wronged from then on):
+    charged more than their status allows, or shown FAILED while their money was taken."""
+    times_to_right: list[float] = field(default_factory=list)
+    """Scenarios with a horizon: seconds from each wrong to the refund or correction."""
+    final: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+    """Key -> (status, channel) at the end of the run (after the horizon, if any)."""
+    ledger: TimedLedger | None = None
+    """What the channels really collected and gave back, with when."""
 
 
 def channel_names(config: RouterConfig) -> list[str]:
@@ -269,11 +390,13 @@ async def run_strategy(
 ) -> StrategyRun:
     loop = asyncio.get_running_loop()
     clock = LoopClock(loop)
-    ledger, log = MemoryLedger(), list[Call]()
+    ledger, log = TimedLedger(clock), list[Call]()
     names = channel_names(config)
-    sims = []
+    sims, refunds = [], []
     for index, channel_name in enumerate(names):
         base = BASELINE[min(index, len(BASELINE) - 1)]
+        if scenario.profiles is not None:
+            base = scenario.profiles[min(index, len(scenario.profiles) - 1)]
         if index == 0 and scenario.primary is not None:
             base = scenario.primary
         idempotent = config.channel(channel_name).options.get(
@@ -281,11 +404,18 @@ async def run_strategy(
         sims.append(SimulatedChannel(channel_name, base, seed=seed + index,
                                      idempotent=bool(idempotent), clock=clock,
                                      sleep=asyncio.sleep, ledger=ledger))
-    channels = [Recorded(sim, log, clock) for sim in sims]
-    strategy = FACTORIES[name](channels, scenario_config(config, scenario), clock)
+        refunds.append(scenario.refunds is not None
+                       and scenario.refunds[min(index, len(scenario.refunds) - 1)])
+    channels = [Recorded(sim, log, clock, refunds=can)
+                for sim, can in zip(sims, refunds, strict=True)]
+    strategy = FACTORIES[name](channels, scenario_config(config, scenario), clock, scenario)
     await strategy.open()
 
     def change(channel: int, profile: FaultProfile) -> None:
+        if scenario.profiles is not None:  # a profile per channel: none for a missing one
+            if channel < len(sims):
+                sims[channel].profile = profile
+            return
         sims[min(channel, len(sims) - 1)].profile = profile
 
     for step in scenario.changes:
@@ -326,14 +456,28 @@ async def run_strategy(
         await asyncio.gather(*list(inflight.values()), return_exceptions=True)
     pending_at_end = sum(f.status == "pending" for f in finished.values())
 
-    for sim, base in zip(sims, BASELINE, strict=False):
-        sim.profile = base.healed()
+    if scenario.horizon_s is None:
+        for sim, base in zip(sims, BASELINE, strict=False):
+            sim.profile = base.healed()
+    else:  # the same channels go on: late collections land, refunds may fail
+        await strategy.horizon(scenario.duration_s + scenario.horizon_s)
     settled = await strategy.settle([r.key for _, r in arrivals])
     final = {key: settled.get(key, (f.status, f.channel)) for key, f in finished.items()}
     metrics = measure(scenario, names[0], final, finished, ledger, log, pending_at_end)
     metrics["breaker_transitions"] = len(strategy.breaker_log())
-    return StrategyRun(name, metrics, sorted(finished.values(), key=lambda f: f.arrival),
-                       strategy.breaker_log())
+    run = StrategyRun(name, metrics, sorted(finished.values(), key=lambda f: f.arrival),
+                      strategy.breaker_log(), final=final, ledger=ledger)
+    if scenario.horizon_s is not None:
+        journal = strategy if isinstance(strategy, Failover) else None
+        late = measure_late(
+            {r.key: r for _, r in arrivals}, finished, final, ledger,
+            corrected_at=journal.corrected_at if journal else {},
+            manual=journal.manual if journal else set(),
+            reconciled_at=journal.reconciled_at if journal else None,
+            sweeps=journal.sweeps if journal else 0)
+        run.wronged, run.times_to_right = late.pop("_wronged"), late.pop("_times_to_right")
+        metrics.update(late)
+    return run
 
 
 def _forget(inflight: dict[str, asyncio.Task[None]], key: str, task: asyncio.Task[None]) -> None:
@@ -396,15 +540,117 @@ def measure(
     }
 
 
+LATE_METRICS = (
+    "late_collections", "charged_twice", "refunds", "corrections", "manual",
+    "refunded_twice", "refunded_only", "made_right", "time_to_right_p50_s",
+    "time_to_right_max_s", "sweeps",
+)
+
+
+def measure_late(
+    repayments: dict[str, Repayment], finished: dict[str, Finished],
+    final: dict[str, tuple[str, str | None]], ledger: TimedLedger, *,
+    corrected_at: dict[str, list[tuple[float, str, str]]], manual: set[str],
+    reconciled_at: float | None, sweeps: int = 0,
+) -> dict[str, Any]:
+    """Money after the horizon, net of refunds, from the ledger (``audit``): what is
+    left wrong, and how long each borrower wronged by a late collection stayed wronged.
+
+    Replaces ``duplicates`` and ``lost`` with their net values (keys on the manual-refund
+    list apart, as ``audit`` counts them).  A borrower is wronged from the moment the
+    repayment has ended and the ledger holds more than its status allows (two
+    collections for ``SUCCEEDED``, any for ``FAILED``) until a refund or a correction
+    makes it right."""
+    results = {
+        key: RepaymentResult(key, RepaymentStatus(status) if status != "missing"
+                             else RepaymentStatus.PENDING, channel, None, (),
+                             repayments[key].amount, repayments[key].currency)
+        for key, (status, channel) in final.items()
+    }
+    checked = audit(results, [ledger], manual=manual)
+    # Per key: money moves (+1 collected, -1 refunded) and status changes, in time.
+    moves: dict[str, list[tuple[float, int, str | None]]] = {}
+    for at, c in ledger.collected_at:
+        moves.setdefault(c.repayment_key, []).append((at, 1, None))
+    for at, r in ledger.refunded_at:
+        moves.setdefault(r.repayment_key, []).append((at, -1, None))
+    late_collections = charged_twice = 0
+    wrong_changes: list[tuple[float, int]] = []
+    times: list[float] = []
+    for key, events in moves.items():
+        done = finished.get(key)
+        if done is None:
+            continue
+        first_status = done.status
+        ended_at = done.done
+        corrections = corrected_at.get(key, [])
+        if first_status == "pending":  # ended after the traffic, when reconciled
+            ended_at = reconciled_at if reconciled_at is not None else done.done
+            first_status = corrections[0][1] if corrections else final[key][0]
+        timeline = sorted([*events, (ended_at, 0, first_status),
+                           *((at, 0, new) for at, _, new in corrections)],
+                          key=lambda e: e[0])
+        late_collections += sum(1 for at, n, _ in events if n > 0 and at > ended_at)
+        net = gross = 0
+        status: str | None = None
+        wrong_since: float | None = None
+        index = 0
+        while index < len(timeline):
+            at = timeline[index][0]
+            while index < len(timeline) and timeline[index][0] == at:  # one moment at once
+                _, n, new_status = timeline[index]
+                net += n
+                gross += max(n, 0)
+                status = new_status if new_status is not None else status
+                index += 1
+            allowed = 0 if status == "failed" else 1
+            wrong = status is not None and net > allowed
+            if wrong and wrong_since is None:
+                wrong_since = at
+                wrong_changes.append((at, 1))
+            elif not wrong and wrong_since is not None:
+                times.append(at - wrong_since)
+                wrong_changes.append((at, -1))
+                wrong_since = None
+        charged_twice += gross > 1
+    wronged, count = [], 0
+    for at, delta in sorted(wrong_changes):
+        count += delta
+        wronged.append((at, count))
+    return {
+        "duplicates": len(checked.duplicates),
+        "lost": len(checked.lost),
+        "late_collections": late_collections,
+        "charged_twice": charged_twice,
+        "refunds": checked.refunds,
+        "corrections": sum(len(c) for c in corrected_at.values()),
+        "manual": len(manual),
+        "refunded_twice": len(checked.refunded_twice),
+        "refunded_only": len(checked.refunded_only),
+        "made_right": len(times),
+        "time_to_right_p50_s": statistics.median(times) if times else None,
+        "time_to_right_max_s": max(times) if times else None,
+        "sweeps": sweeps,
+        "_wronged": wronged,
+        "_times_to_right": sorted(times),
+    }
+
+
 def run_scenario(
     scenario: Scenario, config: RouterConfig, repayments: int, seed: int,
     strategies: Sequence[str] = STRATEGIES,
     progress: Callable[[str], None] | None = None,
 ) -> list[StrategyRun]:
-    """Every strategy on the same seeded traffic, each on a fresh simulated-time loop."""
-    arrivals = traffic(repayments, scenario.duration_s, seed, scenario.burst)
+    """Every strategy on the same seeded traffic, each on a fresh simulated-time loop.
+
+    ``repayments`` arrive per simulated hour; a scenario with strategies of its own
+    runs those unless others than the default ``STRATEGIES`` are asked for."""
+    count = round(repayments * scenario.duration_s / 3600.0)
+    arrivals = traffic(count, scenario.duration_s, seed, scenario.burst)
     runs = []
-    for name in strategies:
+    names = scenario.strategies if scenario.strategies and strategies == STRATEGIES \
+        else strategies
+    for name in names:
         with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
             runs.append(runner.run(run_strategy(name, scenario, config, arrivals, seed)))
         if progress is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +20,14 @@ COLUMNS = (
     ("breaker_transitions", "breaker"), ("time_to_detect_s", "detect s"),
     ("time_back_on_primary_s", "back s"),
 )
-COLOURS = {"naive": "#d95f02", "retry-only": "#7570b3", "failover": "#1b9e77"}
+LATE_COLUMNS = (
+    ("late_collections", "late coll."), ("charged_twice", "charged 2x"),
+    ("duplicates", "dup left"), ("lost", "paid, FAILED"), ("manual", "manual"),
+    ("refunds", "refunds"), ("corrections", "corrected"),
+    ("time_to_right_p50_s", "right p50 s"), ("time_to_right_max_s", "right max s"),
+)
+COLOURS = {"naive": "#d95f02", "retry-only": "#7570b3", "failover": "#1b9e77",
+           "failover-no-sweep": "#e7298a"}
 
 
 def document(results: dict[str, tuple[Scenario, list[StrategyRun]]], *, seed: int,
@@ -38,6 +46,7 @@ def document(results: dict[str, tuple[Scenario, list[StrategyRun]]], *, seed: in
                 "trouble": list(scenario.trouble) if scenario.trouble else None,
                 "crash_at": scenario.crash_at,
                 "burst": list(scenario.burst) if scenario.burst else None,
+                "horizon_s": scenario.horizon_s,
                 "strategies": {run.strategy: run.metrics for run in runs},
             }
             for name, (scenario, runs) in results.items()
@@ -60,8 +69,9 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def table_rows(runs: Sequence[StrategyRun]) -> list[list[str]]:
-    return [[run.strategy, *(_cell(run.metrics.get(key)) for key, _ in COLUMNS)]
+def table_rows(runs: Sequence[StrategyRun],
+               columns: Sequence[tuple[str, str]] = COLUMNS) -> list[list[str]]:
+    return [[run.strategy, *(_cell(run.metrics.get(key)) for key, _ in columns)]
             for run in runs]
 
 
@@ -77,9 +87,20 @@ def print_tables(results: dict[str, tuple[Scenario, list[StrategyRun]]], out: Te
             _rich_table(title, headers, rows, out)
         except ImportError:
             _plain_table(title, headers, rows, out)
+        if scenario.horizon_s is not None:
+            late_headers = ["strategy", *(t for _, t in LATE_COLUMNS)]
+            late_rows = table_rows(runs, LATE_COLUMNS)
+            late_title = (f"{name}: money {scenario.horizon_s / 3600:g} h after the traffic,"
+                          " net of refunds (manual-refund list apart); time from the wrong"
+                          " to its refund or correction")
+            try:
+                _rich_table(late_title, late_headers, late_rows, out, money=(3, 4))
+            except ImportError:
+                _plain_table(late_title, late_headers, late_rows, out)
 
 
-def _rich_table(title: str, headers: list[str], rows: list[list[str]], out: TextIO) -> None:
+def _rich_table(title: str, headers: list[str], rows: list[list[str]], out: TextIO,
+                money: tuple[int, int] = (4, 5)) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -87,7 +108,7 @@ def _rich_table(title: str, headers: list[str], rows: list[list[str]], out: Text
     for header in headers:
         table.add_column(header, justify="left" if header == "strategy" else "right")
     for row in rows:
-        money_wrong = row[4] != "0" or row[5] != "0"  # duplicates or lost
+        money_wrong = row[money[0]] != "0" or row[money[1]] != "0"  # duplicates or lost
         table.add_row(*row, style="red" if money_wrong else None)
     Console(file=out, width=160).print(table)
 
@@ -130,6 +151,9 @@ def plot(results: dict[str, tuple[Scenario, list[StrategyRun]]], out: Path) -> l
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, (scenario, runs) in results.items():
+        if scenario.horizon_s is not None:
+            written.append(_plot_late(plt, name, scenario, runs, out))
+            continue
         figure, (top, bottom) = plt.subplots(
             2, 1, figsize=(8, 4.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]},
             dpi=80,
@@ -166,7 +190,7 @@ def plot(results: dict[str, tuple[Scenario, list[StrategyRun]]], out: Path) -> l
         plt.close(figure)
         written.append(path)
 
-    kinds = ("succeeded", "failed", "pending", "duplicates", "lost")
+    kinds = ("succeeded", "failed", "pending", "duplicates", "lost")  # late: net of refunds
     columns = 4
     rows = (len(results) + columns - 1) // columns
     figure, axes = plt.subplots(rows, columns, figsize=(10, 2.6 * rows), dpi=80, squeeze=False)
@@ -193,3 +217,49 @@ def plot(results: dict[str, tuple[Scenario, list[StrategyRun]]], out: Path) -> l
     plt.close(figure)
     written.append(path)
     return written
+
+
+def _plot_late(plt: Any, name: str, scenario: Scenario, runs: Sequence[StrategyRun],
+               out: Path) -> Path:
+    """Borrowers wronged over time (charged twice, or shown FAILED while their money was
+    taken), per strategy; beneath, how long each wrong the sweep put right lasted."""
+    assert scenario.horizon_s is not None
+    end_h = (scenario.duration_s + scenario.horizon_s) / 3600
+    figure, (top, bottom) = plt.subplots(
+        2, 1, figsize=(8, 5.2), gridspec_kw={"height_ratios": [3, 2]}, dpi=80)
+    for run in runs:
+        times = [0.0] + [t / 3600 for t, _ in run.wronged] + [end_h]
+        counts = [0] + [n for _, n in run.wronged]
+        counts.append(counts[-1])
+        manual = run.metrics.get("manual") or 0
+        label = f"{run.strategy}: {counts[-1]} at the end" + (
+            f" ({manual} on the manual-refund list)" if manual else "")
+        top.step(times, counts, where="post", color=COLOURS.get(run.strategy), lw=1.2,
+                 label=label)
+    top.axvspan(scenario.duration_s / 3600, end_h, color="grey", alpha=0.12, lw=0)
+    top.text(scenario.duration_s / 3600, 0, " after the traffic", fontsize=7, va="bottom")
+    top.set_xlim(0, end_h)
+    top.set_ylabel("borrowers wronged now")
+    top.set_xlabel("simulated hours")
+    top.set_title(textwrap.fill(f"{name}: {scenario.description}", 110), fontsize=8,
+                  loc="left")
+    top.legend(loc="upper left", fontsize=7)
+    swept = [r for r in runs if r.times_to_right]
+    if swept:
+        longest = max(10.0, *(max(r.times_to_right) for r in swept))
+        edges = math.ceil(math.log(longest / 10) / math.log(1.35)) + 2  # 10 s and up
+        bins = [10 * 1.35 ** k for k in range(edges)]
+        for run in swept:
+            bottom.hist([max(t, 10.0) for t in run.times_to_right], bins=bins,
+                        color=COLOURS.get(run.strategy), alpha=0.8,
+                        label=f"{run.strategy}: {len(run.times_to_right)} made right")
+        bottom.set_xscale("log")
+        bottom.legend(loc="upper left", fontsize=7)
+    bottom.set_xlabel("seconds from the late collection to its refund or correction"
+                      " (under 10 s counted at 10 s)")
+    bottom.set_ylabel("borrowers")
+    figure.tight_layout()
+    path = out / f"{name}.png"
+    figure.savefig(path)
+    plt.close(figure)
+    return path

@@ -1,9 +1,12 @@
 """The failover scenarios: the same seeded traffic over three channels, with the primary
-in trouble in a different way in each."""
+in trouble in a different way in each (and, in ``late``, money that arrives after the
+answer)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from random import Random
 
 from failover.testing import FaultProfile
 
@@ -37,6 +40,18 @@ class Scenario:
     burst: tuple[float, int] | None = None
     """(moment, count): a batch job submits ``count`` more repayments at once."""
     notes: tuple[str, ...] = field(default_factory=tuple)
+    profiles: tuple[FaultProfile, ...] | None = None
+    """Every channel's profile for the whole run (by priority; the last serves the rest),
+    instead of the baselines."""
+    refunds: tuple[bool, ...] | None = None
+    """Which channels (by priority) offer ``refund``; ``None``: the router sees none."""
+    horizon_s: float | None = None
+    """The run goes on this long after the traffic (late collections land, the sweep
+    works), and the money is measured net of refunds at the end of it."""
+    sweep_every_s: float | None = None
+    """The ``failover`` strategy calls ``router.sweep()`` this often (simulated seconds)."""
+    strategies: tuple[str, ...] | None = None
+    """The strategies compared, if not the three of ``STRATEGIES``."""
 
 
 # Baselines: a healthy day still has some declines and the odd 503.
@@ -63,6 +78,39 @@ def _flapping(period: float = 120.0) -> tuple[Change, ...]:
     return tuple(changes)
 
 
+# ``late``: a share of submits answers a timeout, is NOT_FOUND to status queries, and is
+# applied by the provider's queue seconds to minutes later.  The primary and the card can
+# refund (with faults: refused, answer lost after refunding or not, 503); the wallet has
+# no refund API.  Borrowers are shorter of funds on the card and the wallet than on the
+# primary, so some fail everywhere while their first collection is still queued.
+LATE_SHARE = 0.04
+LATE_PROFILES = (
+    FaultProfile(decline=0.02, unavailable=0.005, late_apply_after_query=LATE_SHARE,
+                 latency_s=0.3, jitter=0.5, refund_fail=0.03, refund_unknown_applied=0.05,
+                 refund_unavailable=0.05),
+    FaultProfile(decline=0.25, unavailable=0.005, late_apply_after_query=LATE_SHARE,
+                 latency_s=0.6, jitter=0.5, refund_unknown_not_applied=0.05),
+    FaultProfile(decline=0.40, unavailable=0.005, late_apply_after_query=LATE_SHARE,
+                 latency_s=0.4, jitter=0.5),
+)
+LATE_REFUNDS = (True, True, False)
+LATE_HOURS = 3
+LATE_STRATEGIES = ("naive", "retry-only", "failover-no-sweep", "failover")
+
+
+def _late_delays(hours: int = LATE_HOURS, every_s: float = 600.0) -> tuple[Change, ...]:
+    """Every 10 minutes each channel's queue delay moves (log-uniform, 10 s to 15 min):
+    a fixed draw, the same for every seed, so the seed changes only traffic and faults."""
+    rng = Random("late-delays")
+    changes = []
+    for step in range(int(hours * HOUR / every_s)):
+        for index, profile in enumerate(LATE_PROFILES):
+            delay = round(10.0 * 90.0 ** rng.random(), 1)
+            changes.append(Change(step * every_s, index,
+                                  dataclasses.replace(profile, late_apply_after_s=delay)))
+    return tuple(changes)
+
+
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("steady", "steady state: every channel healthy, ordinary declines"),
     Scenario("outage", "primary hard outage for 20 minutes mid-run, then recovery",
@@ -83,4 +131,10 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              " in ~4 s) and restarts; the queue redelivers what was in flight",
              primary=FaultProfile(decline=0.02, latency_s=4.0, jitter=0.2),
              burst=(HOUR / 2 - 2.0, 300), crash_at=HOUR / 2),
+    Scenario("late", f"{LATE_HOURS} hours; {LATE_SHARE:.0%} of submits on every channel time"
+             " out, are NOT_FOUND to queries and collect 10 s to 15 min later; the wallet"
+             " cannot refund; measured 2 h after the traffic",
+             duration_s=LATE_HOURS * HOUR, profiles=LATE_PROFILES, refunds=LATE_REFUNDS,
+             changes=_late_delays(), horizon_s=2 * HOUR, sweep_every_s=30.0,
+             strategies=LATE_STRATEGIES),
 )}
