@@ -200,10 +200,9 @@ class LateWork:
 
         async def work(check: LateCheck) -> None:
             async with gate:
-                try:
+                # Moved meanwhile: the claim runs out and it comes back.
+                with contextlib.suppress(UnknownRepayment, TerminalStateError):
                     await self._work(check, settings)
-                except (UnknownRepayment, TerminalStateError):
-                    pass  # moved meanwhile: the claim runs out and it comes back
 
         await asyncio.gather(*(work(check) for check in due))
         if settings.at_risk_s:
