@@ -8,7 +8,14 @@ Serve it (several workers need PostgreSQL; an SQLite journal serves one process)
     POST /repayments        {"key", "account", "amount": "1250.00", "currency",
                              "due_at"?, "channels"?}  -> the result
     GET  /repayments/{key}  -> the result, or 404
+    POST /webhooks/{channel}  a provider's signed callback -> {"channel", "status"}
     GET  /healthz
+
+Each worker's router runs the background loop (on SQLite too): it reconciles repayments
+waiting on a channel, finds and refunds late collections, and sends the at-risk
+reminders of the config's ``[reminders]``.  ``Reminders`` turns those, and failed
+repayments, into SMS texts for the borrower ("auto-debit failed, pay with your bank card
+before 18:00"); the SMS gateway here is a stub that logs them (``SmsOutbox``).
 
 Settings come from the environment, read when a worker starts:
 
@@ -19,6 +26,8 @@ Settings come from the environment, read when a worker starts:
                       under PostgreSQL's advisory lock, so workers starting together take
                       turns; 0: run `failover migrate URL` once per release instead
     FAILOVER_GRACE_S  seconds calls in the air get to answer on shutdown (default 10)
+    FAILOVER_TIMEZONE the borrowers' time zone, for times in their texts
+                      (default Asia/Shanghai)
 
 They share the ``FAILOVER_`` prefix with the config file's overrides
 (``FAILOVER_CHANNELS__WALLET__ENABLED=false``), which ignore these names.
@@ -35,13 +44,14 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pydantic
 import structlog
@@ -50,9 +60,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 import failover
-from failover.events import StructlogHook
+from failover.events import Event, RepaymentAtRisk, RepaymentFailed, StructlogHook
 
 HERE = Path(__file__).resolve().parent
+_log = logging.getLogger("repayments")
 RETRY_AFTER_S = 1
 """What a 503 asks the client to wait before sending the same key again."""
 
@@ -66,6 +77,7 @@ class Settings:
     schema: str = "failover"
     migrate: bool = True
     grace_s: float = 10.0
+    timezone: str = "Asia/Shanghai"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -76,6 +88,7 @@ class Settings:
             schema=environ.get("FAILOVER_SCHEMA", default.schema),
             migrate=environ.get("FAILOVER_MIGRATE", "1").lower() not in ("0", "false", "no"),
             grace_s=float(environ.get("FAILOVER_GRACE_S", default.grace_s)),
+            timezone=environ.get("FAILOVER_TIMEZONE", default.timezone),
         )
 
     def open_journal(self) -> failover.Journal:
@@ -89,6 +102,107 @@ def event_log() -> StructlogHook:
     return StructlogHook(structlog.wrap_logger(
         structlog.PrintLogger(sys.stderr),
         wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING)))
+
+
+# ---- texts to borrowers -----------------------------------------------------------------
+
+LABELS = {"auto_debit": "auto-debit", "bank_card": "bank card", "wallet": "wallet"}
+"""How a borrower knows each channel."""
+BY_HAND = frozenset({"bank_card", "wallet"})
+"""Channels borrowers pay through themselves (the auto-debit is the lender's to run)."""
+
+
+def label(channel: str) -> str:
+    return LABELS.get(channel, channel.replace("_", " "))
+
+
+def either(words: Sequence[str], last: str) -> str:
+    """``"a"``, ``"a or b"``, ``"a, b or c"``."""
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} {last} {words[-1]}"
+
+
+def due_text(due_at: datetime, zone: ZoneInfo, now: datetime) -> str:
+    """``"18:00"`` on the borrower's today, else ``"18:00 on 6 Dec"``, in their zone."""
+    local = due_at.astimezone(zone)
+    if local.date() == now.astimezone(zone).date():
+        return local.strftime("%H:%M")
+    return f"{local:%H:%M} on {local.day} {local:%b}"
+
+
+def reminder_text(*, failed: Sequence[str], alternatives: Sequence[str],
+                  due_at: datetime | None, zone: ZoneInfo, now: datetime) -> str:
+    """What went wrong and how to pay now: ``"auto-debit failed, pay with your bank card
+    before 18:00"``.  ``failed`` are the channels tried; ``alternatives`` the event's
+    (channels eligible now), of which the ones a borrower uses by hand are offered."""
+    what = f"{either([label(c) for c in failed], 'and')} failed" if failed \
+        else "your repayment has not been collected yet"
+    ways = [label(c) for c in dict.fromkeys(alternatives) if c in BY_HAND]
+    pay = f"pay with your {either(ways, 'or')}" if ways else "please call us to pay"
+    when = f" before {due_text(due_at, zone, now)}" if due_at is not None else ""
+    return f"{what}, {pay}{when}"
+
+
+class SmsOutbox:
+    """Stands in for an SMS gateway: logs each text and keeps it in ``sent`` as (repayment
+    key, text).  A real one looks the borrower's phone number up by the key: events carry
+    keys, never accounts or phone numbers."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str]] = []
+
+    def __call__(self, key: str, text: str) -> None:
+        self.sent.append((key, text))
+        _log.info("sms for %s: %s", key, text)
+
+
+class Reminders:
+    """The hook that texts borrowers on ``failover.repayment.at_risk`` (sent by the
+    background loop the config's ``[reminders] at_risk_s`` before the due date) and
+    ``failover.repayment.failed``.
+
+    A pending repayment at risk is told to wait, not to pay: its money may be on its way
+    already, and paying again would collect twice."""
+
+    WAIT = ("we are still confirming your repayment: no need to pay again, we will text"
+            " you if it does not go through")
+
+    def __init__(self, send: Callable[[str, str], object],
+                 load: Callable[[str], Awaitable[failover.Record | None]], *,
+                 zone: ZoneInfo, now: Callable[[], datetime] = lambda: datetime.now(UTC)
+                 ) -> None:
+        self._send = send
+        self._load = load
+        self._zone = zone
+        self._now = now
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, RepaymentAtRisk) and event.status == "pending":
+            self._send(event.key, self.WAIT)
+        elif isinstance(event, RepaymentAtRisk | RepaymentFailed):
+            # The events do not say which channels failed (nor, for a failure, the due
+            # date): read from the journal on a task, since a hook must not hold the
+            # router up.
+            task = asyncio.get_running_loop().create_task(self._text(event))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _text(self, event: RepaymentAtRisk | RepaymentFailed) -> None:
+        try:
+            record = await self._load(event.key)
+            tried = [] if record is None else list(dict.fromkeys(
+                a.channel for a in record.attempts if a.round == record.round))
+            due = event.due_at if isinstance(event, RepaymentAtRisk) \
+                else None if record is None else record.due_at
+            self._send(event.key, reminder_text(failed=tried, alternatives=event.alternatives,
+                                                due_at=due, zone=self._zone, now=self._now()))
+        except Exception:
+            _log.exception("no text sent for repayment %s", event.key)
+
+    async def drain(self) -> None:
+        """Wait for the texts being prepared (on shutdown, and in tests)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 # ---- the HTTP surface ------------------------------------------------------------------
@@ -161,17 +275,24 @@ def unavailable(error: str, message: str) -> JSONResponse:
                         headers={"Retry-After": str(RETRY_AFTER_S), **worker_header()})
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *,
+               sms: Callable[[str, str], object] | None = None) -> FastAPI:
     """The service.  Without ``settings`` each worker reads them from the environment
-    when it starts (not on import), so one module serves every worker process."""
+    when it starts (not on import), so one module serves every worker process.  ``sms``
+    sends a text (repayment key, text); by default an ``SmsOutbox`` that logs it."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         chosen = settings or Settings.from_env()
+        journal = chosen.open_journal()
+        app.state.sms = sms or SmsOutbox()
+        reminders = Reminders(app.state.sms, journal.load, zone=ZoneInfo(chosen.timezone))
+        app.state.reminders = reminders
         # One router per process: a router, its journal connections and its channels
-        # belong to the event loop they were opened on.
+        # belong to the event loop they were opened on.  The background loop (on by
+        # default only for PostgreSQL) reconciles, finds late collections and reminds.
         router = failover.Router.from_config(
-            chosen.config, journal=chosen.open_journal(), hooks=[event_log()])
+            chosen.config, journal=journal, hooks=[event_log(), reminders], background=True)
         await router.open()  # recovers what a stopped worker left (its leases expire)
         app.state.router = router
         try:
@@ -180,6 +301,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # uvicorn has stopped taking requests and waited for those in progress
             # (up to --timeout-graceful-shutdown); calls still in the air get grace_s.
             await router.close(grace_s=chosen.grace_s)
+            await reminders.drain()
 
     app = FastAPI(title="repayments", lifespan=lifespan)
 
@@ -204,7 +326,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def journal_down(request: Request, exc: failover.JournalError) -> JSONResponse:
         # Nothing was collected without a confirmed journal write: retrying the same key
         # is safe.  The message names the database; it stays in the log.
-        logging.getLogger("repayments").warning("journal error: %s", exc)
+        _log.warning("journal error: %s", exc)
         return unavailable("journal_unavailable", "send the same key again")
 
     def router_of(request: Request) -> failover.Router:
@@ -233,6 +355,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return JSONResponse({"error": "not_found", "key": key}, status_code=404,
                                 headers=worker_header())
         return result_response(result)
+
+    # A provider's callback (webhook), passed on as received: the channel's adapter checks
+    # its signature (parse_callback).  The answers name neither key nor account: the
+    # caller is a provider, which knows the reference it sent.
+    @app.post("/webhooks/{channel}")
+    async def webhook(channel: str, request: Request) -> JSONResponse:
+        body = await request.body()
+        try:
+            result = await router_of(request).callback(channel, request.headers, body)
+        except failover.CallbackRejected as exc:
+            # Forged, or unreadable: nothing changed.  The adapter's reason may quote the
+            # body, so it stays in the log.
+            _log.warning("webhook for %s rejected: %s", exc.channel, exc.reason)
+            return JSONResponse({"error": "callback_rejected", "channel": channel},
+                                status_code=400, headers=worker_header())
+        except failover.UnknownReference:
+            return JSONResponse({"error": "unknown_reference", "channel": channel},
+                                status_code=404, headers=worker_header())
+        except failover.ConfigError:  # no such channel
+            return JSONResponse({"error": "unknown_channel"}, status_code=404,
+                                headers=worker_header())
+        return JSONResponse({"channel": channel, "status": result.status.value},
+                            headers=worker_header())
 
     @app.get("/healthz")
     async def healthz(request: Request) -> JSONResponse:

@@ -4,7 +4,8 @@
     failover channels CONFIG [--at T] [--amount A --currency C]
                                                   the order the router would use, and why
                                                   each skipped channel is skipped
-    failover status --journal JOURNAL             repayments by status, pending, failovers
+    failover status --journal JOURNAL             repayments by status, pending, failovers,
+                                                  late collections and manual refunds
     failover inspect KEY --journal JOURNAL        one repayment's attempts
     failover report --journal JOURNAL [--config CONFIG] [--since T --until T] [--late-only]
                     [--format table|csv|json]     late repayments and whose faults made them late
@@ -35,6 +36,7 @@ import json
 import os
 import re
 import sys
+from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -321,6 +323,8 @@ def _run(target: _Target | None, work: Callable[[], Coroutine[Any, Any, T]]) -> 
 # ---- status / inspect -------------------------------------------------------------------
 
 async def _status_data(target: _Target, limit: int) -> dict[str, Any]:
+    from failover._models import LateState, RefundState
+
     journal = _open_journal(target)
     await journal.open()
     try:
@@ -333,8 +337,13 @@ async def _status_data(target: _Target, limit: int) -> dict[str, Any]:
                                 "reason": record.pending_reason, "channel": record.pending_channel,
                                 "code": record.code})
         moves = await journal.recent_failovers(limit)
+        found = await journal.late_checks(state=LateState.COLLECTED)
     finally:
         await journal.close()
+    refunds = Counter(c.refund for c in found)
+    # Oldest first: the borrower who has waited longest for their money comes first.
+    manual = sorted((c for c in found if c.refund is RefundState.MANUAL),
+                    key=lambda c: (c.refund_at is None, c.refund_at or datetime.min, c.key))
     return {
         **target.data(),
         "by_status": {status.value: count for status, count in stats.by_status.items()},
@@ -342,6 +351,18 @@ async def _status_data(target: _Target, limit: int) -> dict[str, Any]:
         "pending": pending,
         "recent_failovers": [{"key": m.key, "from": m.from_channel, "to": m.to_channel,
                               "at": m.at.isoformat()} for m in moves],
+        "late_collections": {
+            "found": len(found), "refunded": refunds[RefundState.REFUNDED],
+            "refunding": sum(refunds[s] for s in (RefundState.DUE, RefundState.SENT,
+                                                   RefundState.UNKNOWN)),
+            "manual": refunds[RefundState.MANUAL],
+        },
+        # Keys, channels and references only: a late check holds no account number.
+        "manual_refunds": [{"key": c.key, "channel": c.channel, "reference": c.reference,
+                            "channel_reference": c.channel_reference,
+                            "reason": c.refund_code,
+                            "since": c.refund_at.isoformat() if c.refund_at else None}
+                           for c in manual[:limit]],
     }
 
 
@@ -362,6 +383,17 @@ def _status(args: argparse.Namespace) -> int:
             parts += ["", "recent failovers:", _table(
                 ["at", "key", "from", "to"],
                 [[m["at"], m["key"], m["from"], m["to"]] for m in data["recent_failovers"]])]
+        late = data["late_collections"]
+        parts += ["", f"late collections: found {late['found']}, refunded {late['refunded']},"
+                      f" refunding {late['refunding']}, manual {late['manual']}"]
+        if late["manual"]:
+            shown = data["manual_refunds"]
+            more = late["manual"] - len(shown)
+            parts += ["", f"manual refunds ({late['manual']}, to give back by hand"
+                          f"{f'; the oldest {len(shown)} shown' if more else ''}):",
+                      _table(["key", "channel", "reference", "reason", "since"],
+                             [[m["key"], m["channel"], m["reference"], m["reason"], m["since"]]
+                              for m in shown])]
         return "\n".join(parts)
 
     _emit(args, data, text)
@@ -635,8 +667,9 @@ def _demo(args: argparse.Namespace) -> int:
                  else f"PostgreSQL journal {target.described}" if target.is_dsn
                  else f"SQLite journal {target.label}")
         print(f"failover demo: a simulated day of {args.repayments} repayments over"
-              " auto_debit (primary, down 10:00-12:00, ambiguous timeouts), bank_card and"
-              f" wallet; {where}; seed {args.seed}")
+              " auto_debit (primary, down 10:00-12:00, ambiguous timeouts, a few collected"
+              " late), bank_card and wallet; two in three due that day, one borrower in ten"
+              f" on auto-debit alone; {where}; seed {args.seed}")
         print()
     report = _run(target, lambda: run_demo(
         args.repayments, args.seed, None if target is None else target.text,
@@ -648,8 +681,11 @@ def _demo(args: argparse.Namespace) -> int:
             "failed": after.failed, "pending_before_reconcile": report.audit_before.pending,
             "pending": after.pending, "duplicates": len(after.duplicates),
             "lost": len(after.lost), "false_successes": len(after.false_successes),
-            "collected": dict(report.collected),
+            "collected": dict(report.collected), "refunded": dict(report.refunded),
             "failovers": {f"{a}->{b}": n for (a, b), n in report.failovers.items()},
+            "collected_late": {what: report.late[what]
+                               for what in ("found", "refunded", "corrected", "manual")},
+            "evidence": report.evidence.to_dict(),
         }, indent=2))
     else:
         print_report(report, sys.stdout)
@@ -671,7 +707,7 @@ def _bench(args: argparse.Namespace) -> int:
         _check_file(args.config)
     config = RouterConfig.load(args.config) if args.config else None
     names = args.scenarios or list(SCENARIOS)
-    total = len(names) * len(STRATEGIES)
+    total = sum(len(SCENARIOS[name].strategies or STRATEGIES) for name in names)
     with _progress(total, quiet=args.json) as step:
         try:
             results, data = run_bench(
@@ -686,8 +722,8 @@ def _bench(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
     else:
         print_tables(results, sys.stdout)
-        print(f"{data['elapsed_s']:.1f} s for {len(names)} scenario(s) x {len(STRATEGIES)}"
-              f" strategies, {args.repayments} repayments each, seed {args.seed}")
+        print(f"{data['elapsed_s']:.1f} s for {len(names)} scenario(s), {total} runs,"
+              f" {args.repayments} repayments an hour each, seed {args.seed}")
         print("wrote " + ", ".join(str(p) for p in written))
         if len(written) == 1:
             print("(no plots: pip install 'failover[bench]' for matplotlib)")
@@ -776,7 +812,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--schema", default=None,
                          help=f"PostgreSQL schema of the journal (default {DEFAULT_SCHEMA})")
 
-    status = command("status", _status, "repayments by status, oldest pending, recent failovers")
+    status = command("status", _status, "repayments by status, oldest pending, recent"
+                     " failovers, late collections and the manual-refund list")
     journal_options(status)
     status.add_argument("--limit", type=int, default=10, help="rows per list (default 10)")
 
@@ -807,11 +844,12 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("journal", metavar="JOURNAL", help=journal_help)
     schema_option(migrate)
 
+    from failover.bench import SCENARIOS as SCENARIO_NAMES
+
     bench = command("bench", _bench,
                     "compare naive, retry-only and failover strategies on simulated scenarios")
     bench.add_argument("scenarios", nargs="*", metavar="SCENARIO",
-                       help="steady outage brownout flapping ambiguous declines maintenance"
-                            " crash (default: all)")
+                       help=f"{' '.join(SCENARIO_NAMES)} (default: all)")
     bench.add_argument("--config", type=Path, default=None,
                        help="your router config (channel names, priorities, policies)")
     bench.add_argument("--seed", type=int, default=7, help="traffic and fault seed (default 7)")

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import re
 import subprocess
 import sys
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from failover import _demo
 from failover.cli import main
 
 
@@ -25,6 +30,10 @@ def test_demo_audits_clean_through_python_m(tmp_path):
     assert "duplicates 0, lost 0, false successes 0 -> OK" in done.stdout
     assert "pending 0" in done.stdout.split("after reconcile:")[1]
     assert journal.exists()
+    *_, evidence, causes = done.stdout.splitlines()
+    assert evidence.startswith("evidence report: ")
+    assert re.fullmatch(r"late because of: channel faults \d+, the borrower's own declines"
+                        r" \d+, mixed \d+, no fault journaled \d+", causes)
 
 
 def test_demo_counts_add_up(capsys):
@@ -36,6 +45,42 @@ def test_demo_counts_add_up(capsys):
     numbers = [int(part.split()[-1]) for part in line.split(",")]
     assert 0 == code
     assert 300 == sum(numbers)
+
+
+def test_demo_evidence_counts_add_up(capsys):
+    """The evidence report covers the repayments with a due date (some, not all): each
+    on time or late, and each late one with one cause."""
+    code = main(["demo", "--repayments", "300", "--seed", "5", "--json"])
+
+    data = json.loads(capsys.readouterr().out)
+    evidence = data["evidence"]
+    assert 0 == code
+    assert 0 < evidence["repayments"] < 300
+    assert evidence["repayments"] == evidence["on_time"] + evidence["late"]
+    assert evidence["late"] == sum(evidence[c] for c in ("channel", "borrower", "mixed", "none"))
+
+
+async def test_the_end_of_day_sweep_settles_late_collections_before_the_audit(monkeypatch):
+    """With the auto-debit applying 5% of requests after its status queries missed them,
+    the sweep at the end of the day finds each one and refunds it, corrects the repayment
+    it belongs to, or lists it for a manual refund: both audits are clean."""
+    channels = _demo._channels
+
+    def late_prone(*args: Any) -> Any:
+        made = channels(*args)
+        made[0].profile = dataclasses.replace(made[0].profile, late_apply_after_query=0.05)
+        return made
+
+    monkeypatch.setattr(_demo, "_channels", late_prone)
+
+    report = await _demo.run_demo(300, seed=7)
+
+    late = report.late
+    assert late["found"] >= 5
+    assert late["found"] == late["refunded"] + late["corrected"] + late["manual"]
+    assert (True, True) == (report.audit_before.ok, report.audit_after.ok)
+    assert late["refunded"] == report.audit_after.refunds == sum(report.refunded.values())
+    assert late["manual"] == len(report.audit_after.manual)
 
 
 def test_unknown_command_is_a_usage_error(capsys):

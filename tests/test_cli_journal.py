@@ -14,7 +14,15 @@ import pytest
 import failover
 from failover.cli import main
 from failover.journal import SCHEMA_VERSION
-from failover.testing import FakeClock, FaultProfile, SimulatedChannel, SQLiteLedger
+from failover.testing import (
+    Collected,
+    FakeClock,
+    FaultProfile,
+    MemoryLedger,
+    ScriptedChannel,
+    SimulatedChannel,
+    SQLiteLedger,
+)
 
 from .conftest import repayment
 
@@ -54,6 +62,39 @@ def pending_journal(tmp_path: Path) -> tuple[Path, Path, Path]:
     return journal, ledger, config
 
 
+async def fill_late(journal: failover.Journal) -> FakeClock:
+    """Three repayments collected twice: card and gateway collected but answered a timeout,
+    their status queries said NOT_FOUND, and the router failed over to wallet.  The sweep
+    finds the late collections: gateway's is refunded; card cannot refund, so its two go
+    on the manual-refund list."""
+    clock, ledger = FakeClock(), MemoryLedger()
+    lost = Collected(failover.ChannelResult.unknown("timeout"))
+    not_found = failover.ChannelResult.not_found()
+    card = ScriptedChannel("card", [lost, lost], queries=[not_found] * 2, refunds=False,
+                           ledger=ledger)
+    gateway = ScriptedChannel("gateway", [lost], queries=[not_found], ledger=ledger)
+    wallet = ScriptedChannel("wallet", ledger=ledger)
+    config = failover.RouterConfig.model_validate({
+        "channels": {name: {"settle_s": 0, "retry": {"max_attempts": 1}}
+                     for name in ("card", "gateway", "wallet")},
+        "late": {"checks_s": [0, 3600]}})
+    async with failover.Router([card, gateway, wallet], journal, config, clock=clock,
+                               background=False) as router:
+        for key in ("manual-1", "manual-2"):
+            await router.repay(repayment(key=key), channels=["card", "wallet"])
+        clock.advance(60)
+        await router.repay(repayment(key="refunded"), channels=["gateway", "wallet"])
+        await router.sweep()
+    assert ["refunded"] == [r.repayment_key for r in ledger.refunds()]
+    return clock
+
+
+def manual_row(key: str, channel_reference: str, since: str) -> dict[str, str]:
+    return {"key": key, "channel": "card", "reference": failover.make_reference(key, 1, "card"),
+            "channel_reference": channel_reference, "reason": "no_refund_capability",
+            "since": since}
+
+
 def run(capsys, *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     out, err = capsys.readouterr()
@@ -85,6 +126,64 @@ def test_status_as_a_table(pending_journal, capsys):
     assert 0 == code
     assert "pending 3, succeeded 1, failed 0" in out
     assert "recent failovers:" in out
+
+
+@pytest.fixture
+def late_journal(tmp_path: Path) -> tuple[Path, FakeClock]:
+    journal = tmp_path / "journal.db"
+    clock = asyncio.run(fill_late(failover.SQLiteJournal(journal)))
+    return journal, clock
+
+
+def test_status_lists_the_manual_refunds_and_counts_late_collections(late_journal, capsys):
+    """status counts the late collections found and refunded, and lists those a person
+    must refund by hand (key, channel, reference, reason, since), without accounts."""
+    journal, clock = late_journal
+
+    code, out, _ = run(capsys, "status", "--journal", str(journal), "--json")
+
+    data = json.loads(out)
+    assert 0 == code
+    assert {"found": 3, "refunded": 1, "refunding": 0, "manual": 2} == data["late_collections"]
+    since = clock.now().isoformat()
+    # (the scripted channels number their collections across the ledger they share)
+    assert [manual_row("manual-1", "card-1", since), manual_row("manual-2", "card-3", since)] \
+        == data["manual_refunds"]
+    assert "6222021234567890" not in out
+
+
+def test_status_prints_the_manual_refund_list(late_journal, capsys):
+    """Without --json: the late-collection counts, then the manual refunds as a table;
+    with --limit, the count stays whole and the oldest are shown."""
+    journal, _ = late_journal
+
+    code, out, _ = run(capsys, "status", "--journal", str(journal))
+    _, limited, _ = run(capsys, "status", "--journal", str(journal), "--limit", "1")
+
+    assert 0 == code
+    assert "late collections: found 3, refunded 1, refunding 0, manual 2" in out
+    table = out.split("manual refunds (2, to give back by hand):\n")[1].splitlines()
+    assert ["key", "channel", "reference", "reason", "since"] == table[0].split()
+    assert [["manual-1", "card", failover.make_reference("manual-1", 1, "card"),
+             "no_refund_capability"], ["manual-2", "card",
+                                       failover.make_reference("manual-2", 1, "card"),
+                                       "no_refund_capability"]] \
+        == [row.split()[:4] for row in table[2:]]
+    assert "manual refunds (2, to give back by hand; the oldest 1 shown):" in limited
+    assert "manual-1" in limited
+    assert "manual-2" not in limited
+    assert "6222021234567890" not in out
+
+
+def test_status_without_late_collections_says_none(pending_journal, capsys):
+    """A journal with no late collections shows zero counts and no manual list."""
+    journal, _, _ = pending_journal
+
+    code, out, _ = run(capsys, "status", "--journal", str(journal))
+
+    assert 0 == code
+    assert "late collections: found 0, refunded 0, refunding 0, manual 0" in out
+    assert "manual refunds" not in out
 
 
 def test_inspect_shows_attempts_and_masks_the_account(pending_journal, capsys):

@@ -28,7 +28,7 @@ from failover.testing import (
 )
 
 from .conftest import fast, repayment
-from .test_cli_journal import CONFIG
+from .test_cli_journal import CONFIG, fill_late, manual_row
 
 asyncpg = pytest.importorskip("asyncpg")
 
@@ -221,6 +221,26 @@ def test_status_counts_pending_and_failovers(pending_pg, pg_schema, capsys):
     assert [("moved", "primary", "backup")] == [(m["key"], m["from"], m["to"])
                                                 for m in data["recent_failovers"]]
     assert pg_schema == data["schema"]
+
+
+def test_status_lists_the_manual_refunds(postgres_dsn, pg_schema, capsys):
+    """status on PostgreSQL counts the late collections and lists the manual refunds,
+    as on SQLite, without accounts."""
+    clock = asyncio.run(fill_late(failover.PostgresJournal(postgres_dsn, schema=pg_schema,
+                                                           migrate=True)))
+
+    code, out, err = run(capsys, "status", "--journal", postgres_dsn, "--schema", pg_schema,
+                         "--json")
+    text_code, text, _ = run(capsys, "status", "--journal", postgres_dsn, "--schema", pg_schema)
+
+    data = json.loads(out)
+    assert (0, 0) == (code, text_code), err
+    assert {"found": 3, "refunded": 1, "refunding": 0, "manual": 2} == data["late_collections"]
+    since = clock.now().isoformat()
+    assert [manual_row("manual-1", "card-1", since), manual_row("manual-2", "card-3", since)] \
+        == data["manual_refunds"]
+    assert "manual refunds (2, to give back by hand):" in text
+    assert "6222021234567890" not in out + text
 
 
 def test_status_masks_the_password(pending_pg, pg_schema, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
 import signal
@@ -10,15 +11,20 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
 
 import failover
+from failover.events import RepaymentAtRisk
+from failover.testing import SimulatedChannel
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 ACCOUNT = "6222021234567890"
@@ -197,6 +203,232 @@ async def test_journal_error_is_503(client: httpx.AsyncClient, app: Any,
     assert (503, "journal_unavailable") == (answer.status_code, answer.json()["error"])
     assert "retry-after" in answer.headers
     assert "svc@db" not in answer.text
+
+
+# ---- provider webhooks ----------------------------------------------------------------
+
+SECRET = "whsec-test"
+
+# auto_debit collects and loses the answer, and its status queries fail: the repayment
+# waits PENDING until the provider's callback (signed with SECRET) tells what happened.
+IN_DOUBT = f"""
+[channels.auto_debit]
+priority = 1
+adapter = "failover.testing:SimulatedChannel"
+timeout_s = 2.0
+
+[channels.auto_debit.options]
+idempotent = false
+seed = 1
+callback_secret = "{SECRET}"
+profile = {{ unknown_collected = 1.0, query_failure = 1.0 }}
+
+[channels.bank_card]
+priority = 2
+adapter = "failover.testing:SimulatedChannel"
+options = {{ idempotent = true, seed = 2 }}
+timeout_s = 2.0
+"""
+
+
+@asynccontextmanager
+async def serving(tmp_path: Path, config: str, **kwargs: Any
+                  ) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+    """The app on ``config`` and a client of it, lifespan run."""
+    path = tmp_path / "service.toml"
+    path.write_text(config)
+    settings = service.Settings(config=path, journal=str(tmp_path / "journal.db"), grace_s=0)
+    app = service.create_app(settings, **kwargs)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://service") as client:
+            yield app, client
+
+
+@pytest.fixture
+async def in_doubt(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, str]]:
+    """A client, and the reference of a repayment PENDING on auto_debit."""
+    async with serving(tmp_path, IN_DOUBT) as (_, client):
+        posted = await client.post("/repayments", json=body())
+        assert (202, "auto_debit") == (posted.status_code, posted.json()["pending_channel"])
+        yield client, failover.make_reference("loan-42/instalment-7", 1, "auto_debit")
+
+
+def provider(secret: str = SECRET) -> SimulatedChannel:
+    """The provider's side of the webhook: it signs with the shared secret."""
+    return SimulatedChannel("auto_debit", callback_secret=secret)
+
+
+async def test_a_signed_webhook_settles_a_pending_repayment(in_doubt):
+    """The provider's signed callback says SUCCEEDED: 200 with the status, and the
+    repayment is settled on auto_debit at once, with nothing tried on the card."""
+    client, reference = in_doubt
+    headers, payload = provider().signed_callback(
+        reference, failover.ChannelResult.succeeded("ad-778"))
+
+    answer = await client.post("/webhooks/auto_debit", content=payload, headers=headers)
+    read = await client.get("/repayments/loan-42/instalment-7")
+
+    assert (200, {"channel": "auto_debit", "status": "succeeded"}) == (
+        answer.status_code, answer.json())
+    assert (200, "succeeded", "auto_debit", "ad-778", 1) == (
+        read.status_code, read.json()["status"], read.json()["channel"],
+        read.json()["channel_reference"], read.json()["attempts"])
+
+
+@pytest.mark.parametrize("forge", ["body", "secret"])
+async def test_a_forged_webhook_is_400_and_changes_nothing(in_doubt, forge):
+    """A callback whose body was changed after signing, or signed with another secret, is
+    refused (400) and the repayment stays as it was; no account in the answer."""
+    client, reference = in_doubt
+    headers, payload = provider("not-the-secret" if forge == "secret" else SECRET) \
+        .signed_callback(reference, failover.ChannelResult.declined("insufficient_funds"))
+    if forge == "body":
+        payload = payload.replace(b"declined", b"succeeded")
+
+    answer = await client.post("/webhooks/auto_debit", content=payload, headers=headers)
+    read = await client.get("/repayments/loan-42/instalment-7")
+
+    assert (400, {"error": "callback_rejected", "channel": "auto_debit"}) == (
+        answer.status_code, answer.json())
+    assert (202, "pending", 1) == (read.status_code, read.json()["status"],
+                                   read.json()["attempts"])
+    assert ACCOUNT not in answer.text
+
+
+async def test_a_webhook_for_an_unknown_reference_or_channel_is_404(in_doubt):
+    """A signed callback naming a reference no repayment sent, or a channel the service
+    does not have, is a 404 that echoes neither."""
+    client, _ = in_doubt
+    headers, payload = provider().signed_callback(
+        "fo-nothing-sent", failover.ChannelResult.succeeded("ad-1"))
+
+    unknown = await client.post("/webhooks/auto_debit", content=payload, headers=headers)
+    nowhere = await client.post("/webhooks/fax", content=payload, headers=headers)
+
+    assert (404, {"error": "unknown_reference", "channel": "auto_debit"}) == (
+        unknown.status_code, unknown.json())
+    assert (404, {"error": "unknown_channel"}) == (nowhere.status_code, nowhere.json())
+    assert "fo-nothing-sent" not in unknown.text + nowhere.text
+
+
+# ---- texts to borrowers -------------------------------------------------------------------
+
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+TODAY = datetime(2026, 12, 6, 1, 0, tzinfo=UTC)  # 09:00 in Shanghai
+
+
+def test_reminder_text_names_what_failed_and_how_to_pay():
+    """What failed, then the alternatives a borrower pays through by hand (the auto-debit
+    is not one), then the due time in the borrower's zone (with the date if not today)."""
+    due = datetime(2026, 12, 6, 10, 0, tzinfo=UTC)  # 18:00 in Shanghai
+
+    def text(failed: list[str], alternatives: list[str], due_at: datetime | None) -> str:
+        return service.reminder_text(failed=failed, alternatives=alternatives, due_at=due_at,
+                                     zone=SHANGHAI, now=TODAY)
+
+    assert "auto-debit failed, pay with your bank card before 18:00" == text(
+        ["auto_debit"], ["auto_debit", "bank_card"], due)
+    assert "auto-debit and bank card failed, pay with your bank card or wallet before 18:00" \
+        " on 7 Dec" == text(["auto_debit", "bank_card"], ["bank_card", "wallet"],
+                             due + timedelta(days=1))
+    assert "auto-debit failed, please call us to pay" == text(["auto_debit"], ["auto_debit"],
+                                                              None)
+
+
+async def test_the_hook_texts_an_at_risk_repayment_with_its_alternatives():
+    """An at-risk event becomes one text: the channels tried (read from the journal),
+    the event's alternatives and its due date; a pending one is told to wait instead."""
+    sent = service.SmsOutbox()
+    tried = SimpleNamespace(round=1, due_at=None, attempts=(
+        SimpleNamespace(channel="auto_debit", round=1),))
+
+    async def load(key: str) -> Any:
+        return tried
+
+    hook = service.Reminders(sent, load, zone=SHANGHAI, now=lambda: TODAY)
+    due = datetime(2026, 12, 6, 10, 0, tzinfo=UTC)
+
+    hook(RepaymentAtRisk("loan-42/instalment-7", due, 7200, "failed",
+                         ("auto_debit", "bank_card")))
+    hook(RepaymentAtRisk("loan-43/instalment-1", due, 7200, "pending", ("bank_card",)))
+    await hook.drain()
+
+    assert [("loan-42/instalment-7", "auto-debit failed, pay with your bank card before 18:00"),
+            ("loan-43/instalment-1", service.Reminders.WAIT)] == sorted(sent.sent)
+
+
+# Both automatic channels decline; the wallet takes the rest.  Reminders two hours before
+# a due date.
+DECLINING = """
+[reminders]
+at_risk_s = [7200]
+
+[channels.auto_debit]
+priority = 1
+adapter = "failover.testing:SimulatedChannel"
+options = { idempotent = false, seed = 1, profile = { decline = 1.0 } }
+
+[channels.bank_card]
+priority = 2
+adapter = "failover.testing:SimulatedChannel"
+options = { idempotent = true, seed = 2, profile = { decline = 1.0 } }
+
+[channels.wallet]
+priority = 3
+adapter = "failover.testing:SimulatedChannel"
+options = { idempotent = false, seed = 3 }
+"""
+
+
+def local_time(due: datetime) -> str:
+    return due.astimezone(SHANGHAI).strftime("%H:%M")
+
+
+async def test_a_failed_repayment_is_texted_with_its_alternatives(tmp_path):
+    """A repayment the borrower restricted to auto-debit and card fails on both: the
+    borrower is texted what failed, the card to pay with by hand, and the due time."""
+    sent = service.SmsOutbox()
+    due = datetime.now(UTC).replace(microsecond=0) + timedelta(days=2)
+    async with serving(tmp_path, DECLINING, sms=sent) as (app, client):
+        posted = await client.post("/repayments", json=body(
+            due_at=due.isoformat(), channels=["auto_debit", "bank_card"]))
+        await app.state.reminders.drain()
+
+    assert (200, "failed") == (posted.status_code, posted.json()["status"])
+    [(key, text)] = sent.sent
+    assert "loan-42/instalment-7" == key
+    assert text.startswith("auto-debit and bank card failed, pay with your bank card before"
+                           f" {local_time(due)} on ")
+    assert ACCOUNT not in text
+
+
+async def test_the_service_sends_at_risk_reminders_from_its_background_loop(tmp_path):
+    """On SQLite too, the service's router runs the background loop: a failed repayment
+    due within the reminder threshold is texted as soon as the service opens."""
+    due = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=1)
+    path = tmp_path / "service.toml"
+    path.write_text(DECLINING)
+    async with failover.Router.from_config(
+            path, journal=failover.SQLiteJournal(tmp_path / "journal.db")) as router:
+        failed = await router.repay(failover.Repayment(
+            key="loan-42/instalment-7", account=ACCOUNT, amount="1250.00", currency="CNY",
+            due_at=due), channels=["auto_debit", "bank_card"])
+    assert failover.RepaymentStatus.FAILED == failed.status
+    sent = service.SmsOutbox()
+
+    async with serving(tmp_path, DECLINING, sms=sent) as (app, _):
+        for _ in range(100):  # the loop's first sweep runs as the router opens
+            await app.state.reminders.drain()
+            if sent.sent:
+                break
+            await asyncio.sleep(0.05)
+
+    [(key, text)] = sent.sent
+    assert "loan-42/instalment-7" == key
+    # (with " on <date>" after it, when run in the hour before midnight in Shanghai)
+    assert text.startswith("auto-debit and bank card failed, pay with your bank card before"
+                           f" {local_time(due)}")
 
 
 # ---- under uvicorn --workers 2, on PostgreSQL ---------------------------------------------
