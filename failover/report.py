@@ -52,6 +52,7 @@ from failover._models import (
     LateCheck,
     LateState,
     Outcome,
+    RefundState,
     RepaymentStatus,
     Skip,
 )
@@ -368,6 +369,9 @@ class Report:
     until: datetime | None
     late_only: bool
     entries: tuple[Entry, ...]
+    manual: tuple[LateCheck, ...] = ()
+    """The manual-refund list: second collections a person must give back (the channel
+    cannot refund, or refused), whatever their due dates."""
 
     def summary(self) -> Summary:
         late = [e for e in self.entries if e.late]
@@ -382,7 +386,8 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return {"now": _iso(self.now), "since": _iso(self.since), "until": _iso(self.until),
                 "late_only": self.late_only, "summary": self.summary().to_dict(),
-                "repayments": [e.to_dict() for e in self.entries]}
+                "repayments": [e.to_dict() for e in self.entries],
+                "manual_refunds": [_manual_dict(c) for c in self.manual]}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -417,7 +422,7 @@ class Report:
                 f" ({s.unpaid} unpaid); late by cause: channel {s.channel},"
                 f" borrower {s.borrower}, mixed {s.mixed}, none {s.none}")
         if not self.entries:
-            return head
+            return head + self._manual_table()
         rows = []
         for e in self.entries:
             first = e.first_attempt
@@ -435,7 +440,21 @@ class Report:
             if e.late:
                 lines += ["", f"{e.key} ({e.cause.value}, {e.late_text} late):"]
                 lines += [f"  {reason}" for reason in e.reasons]
-        return "\n".join(lines)
+        return "\n".join(lines) + self._manual_table()
+
+    def _manual_table(self) -> str:
+        if not self.manual:
+            return ""
+        rows = [[c.key, c.channel, c.reference, c.refund_code or "", _short(c.refund_at)]
+                for c in self.manual]
+        return (f"\n\nmanual refunds ({len(self.manual)}): give these back by hand\n"
+                + _table(["key", "channel", "reference", "reason", "since"], rows))
+
+
+def _manual_dict(c: LateCheck) -> dict[str, Any]:
+    return {"key": c.key, "channel": c.channel, "reference": c.reference, "round": c.round,
+            "channel_reference": c.channel_reference, "reason": c.refund_code,
+            "found_at": _iso(c.found_at), "since": _iso(c.refund_at)}
 
 
 CSV_COLUMNS = ("key", "status", "amount", "currency", "due_at", "ended_at", "unpaid", "late_s",
@@ -469,8 +488,9 @@ def build_report(records: Iterable[Record], config: RouterConfig | None = None, 
     if since is not None and until is not None and until <= since:
         raise ValueError(f"until {until.isoformat()} is not after since {since.isoformat()}")
     config = config or RouterConfig()
+    late_checks = tuple(late_checks or ())
     checks: dict[str, list[LateCheck]] = {}
-    for check in late_checks or ():
+    for check in late_checks:
         if check.state is LateState.COLLECTED:
             checks.setdefault(check.key, []).append(check)
     entries = []
@@ -494,8 +514,9 @@ def build_report(records: Iterable[Record], config: RouterConfig | None = None, 
             attempts=record.attempts, skips=record.skips, late_collections=mine,
         ))
     entries.sort(key=lambda e: (e.due_at, e.key))
+    manual = tuple(c for c in late_checks if c.refund is RefundState.MANUAL)
     return Report(now=now, since=since, until=until, late_only=late_only,
-                  entries=tuple(entries))
+                  entries=tuple(entries), manual=manual)
 
 
 async def report(journal: Journal, config: RouterConfig | None = None, *,

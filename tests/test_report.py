@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import dataclasses
 import io
 import json
 from datetime import UTC, datetime, timedelta
@@ -577,3 +578,23 @@ async def test_router_keeps_the_adapters_outcome_for_a_fault_only_code(make_rout
 
     assert (RepaymentStatus.PENDING, 0) == (result.status, backup.submits)
 
+
+
+def test_the_report_shows_the_manual_refund_list():
+    """Second collections a person must give back are listed, in the table and JSON."""
+    from failover import LateCheck, LateState, RefundState
+
+    now = datetime(2026, 3, 3, 12, tzinfo=UTC)
+    manual = LateCheck("k-1", "wallet", "fo-abc", 1, LateState.COLLECTED, found_at=now,
+                       found_by="query", channel_reference="w-9", refund=RefundState.MANUAL,
+                       refund_code="no_refund_capability", refund_at=now)
+    refunded = dataclasses.replace(manual, key="k-2", refund=RefundState.REFUNDED)
+
+    rep = build_report([], None, now=now, late_checks=[manual, refunded])
+
+    assert [("k-1", "no_refund_capability")] == [
+        (m["key"], m["reason"]) for m in json.loads(rep.to_json())["manual_refunds"]]
+    table = rep.to_table()
+    assert "manual refunds (1)" in table
+    assert "k-1" in table
+    assert "k-2" not in table
