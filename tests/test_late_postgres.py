@@ -6,13 +6,21 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
 
 import failover
 from failover import ChannelResult, RefundState, RepaymentStatus
-from failover.testing import Collected, FakeClock, MemoryLedger, ScriptedChannel
+from failover.testing import (
+    Collected,
+    Collection,
+    FakeClock,
+    MemoryLedger,
+    Refund,
+    ScriptedChannel,
+)
 
 from .conftest import repayment
 from .test_late import KEY, Events, net
@@ -133,3 +141,66 @@ async def test_two_instances_send_each_reminder_once(routers):
     await asyncio.gather(a.sweep(), b.sweep(), a.sweep())
 
     assert [86400, 3600] == [e.threshold_s for e in events.named("failover.repayment.at_risk")]
+
+
+class GatedCard:
+    """An idempotent card channel whose submit waits at ``gate`` before it collects (a
+    process paused between its lease check and its call), with refunds."""
+
+    name = "card"
+    idempotent = True
+
+    def __init__(self, ledger: MemoryLedger) -> None:
+        self.ledger = ledger
+        self.gate = asyncio.Event()
+        self.entered = asyncio.Event()
+
+    async def submit(self, request: failover.ChannelRequest) -> ChannelResult:
+        self.entered.set()
+        await self.gate.wait()
+        self.ledger.record(Collection("card", request.reference, request.repayment_key,
+                                      request.amount, "card-late"))
+        return ChannelResult.succeeded("card-late")
+
+    async def query(self, request: failover.ChannelRequest) -> ChannelResult:
+        found = self.ledger.find("card", request.reference)
+        return ChannelResult.not_found() if found is None \
+            else ChannelResult.succeeded(found.channel_reference)
+
+    async def refund(self, request: failover.ChannelRequest, channel_reference: str | None,
+                     amount: Decimal) -> ChannelResult:
+        if self.ledger.find_refund("card", request.reference) is None:
+            collected = next(c for c in self.ledger.collections()
+                             if c.channel_reference == channel_reference)
+            self.ledger.record_refund(Refund("card", request.reference, collected.reference,
+                                             request.repayment_key, amount))
+        return ChannelResult.succeeded()
+
+
+async def test_the_window_no_lease_closes_is_closed_by_the_sweep(
+        routers, postgres_dsn, pg_schema):
+    """A pauses with its call to card about to leave; its lease runs out; B takes over,
+    asks card (NOT_FOUND: nothing arrived yet), fails over, wallet collects.  Then A's
+    call lands and card collects too.  B's sweep finds it and refunds it: one net."""
+    from .test_postgres import _expire_leases
+
+    ledger = MemoryLedger()
+    clock = FakeClock()
+    card = GatedCard(ledger)
+    a = await routers("a", [card, ScriptedChannel("wallet", ledger=ledger)], config(), clock)
+    b = await routers("b", channels(ledger), config(), clock)
+    caller = asyncio.ensure_future(a.repay(repayment()))
+    await card.entered.wait()
+    await _expire_leases(postgres_dsn, pg_schema)
+    assert [KEY] == await b._journal.take_expired(10)
+    taken = await b._executor.drive(None, b._channels.layout, KEY)
+    assert (RepaymentStatus.SUCCEEDED, "wallet") == (taken.status, taken.channel)
+    card.gate.set()  # A's call lands after all
+    assert RepaymentStatus.SUCCEEDED == (await asyncio.wait_for(caller, 10)).status
+    assert 2 == net(ledger)
+
+    await b.sweep()
+
+    assert 1 == net(ledger)
+    [refund] = ledger.refunds()
+    assert "card" == refund.channel
