@@ -306,7 +306,8 @@ class Executor:
 
     # ---- the loop ---------------------------------------------------------------
 
-    def _plan(self, drive: _Drive, opening: tuple[str, int] | None) -> Plan:
+    def _plan(self, drive: _Drive, opening: tuple[str, int] | None,
+              collected: tuple[tuple[str, str | None], ...] = ()) -> Plan:
         record, layout = drive.record, drive.layout
         names = layout.names_for(record.preference)
         attempts = record.round_attempts()
@@ -315,8 +316,16 @@ class Executor:
             record.key, record.round, names, layout.specs, self._clock.monotonic(),
             layout.config.deadline_s, attempts,
             self._doubts(attempts, layout) if opening is None else (), opening,
-            self._query_attempts, self._query_backoff_s,
+            self._query_attempts, self._query_backoff_s, collected,
         )
+
+    async def _collected(self, record: JournalRecord) -> tuple[tuple[str, str | None], ...]:
+        """Collections of this round a callback proved after their attempt was settled
+        otherwise: a resumed drive ends on them instead of collecting again."""
+        return tuple((c.channel, c.channel_reference)
+                     for c in await self._journal.late_checks(record.key,
+                                                              state=LateState.COLLECTED)
+                     if c.round == record.round and c.found_by == "callback")
 
     def _doubts(self, attempts: Sequence[Attempt], layout: Layout) -> tuple[Doubt, ...]:
         """The attempts in doubt, each with the latest moment its request may have been
@@ -347,9 +356,14 @@ class Executor:
 
     async def _run(self, drive: _Drive, opening: tuple[str, int] | None = None
                    ) -> RepaymentResult:
-        flow = repayment_flow(self._plan(drive, opening))
-        perform = self._handlers
         key = drive.record.key
+        try:
+            collected = () if opening is not None else await self._collected(drive.record)
+        except BaseException:
+            self._journal.let_lapse(key)  # as for any drive ended on an error
+            raise
+        flow = repayment_flow(self._plan(drive, opening, collected))
+        perform = self._handlers
         try:
             action = next(flow)
             while True:

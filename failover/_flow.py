@@ -111,6 +111,9 @@ class Plan:
     its intent and admitted by the breaker already."""
     query_attempts: int = 3
     query_backoff_s: float = 0.05
+    collected: tuple[tuple[str, str | None], ...] = ()
+    """(channel, channel reference) of collections this round that a provider's callback
+    proved after its attempt was settled otherwise (journaled late collections)."""
 
 
 # ---- actions the flow yields, and the answers it is sent ------------------------
@@ -262,6 +265,11 @@ def repayment_flow(plan: Plan) -> Flow:
         else:
             yield Finish(RepaymentStatus.FAILED, attempt.channel, None,
                          attempt.code or "rejected")
+        return
+    if plan.collected:
+        # The borrower paid through this channel: nothing more is collected.
+        channel, channel_reference = plan.collected[0]
+        yield Finish(RepaymentStatus.SUCCEEDED, channel, channel_reference)
         return
     run.refused = {a.channel for a in plan.attempts
                    if decide.refuses_again(a.outcome, a.resolution)

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from failover._channel import is_sync
-from failover._channels import ChannelSet
+from failover._channel import is_sync, runner_for
+from failover._channels import ChannelSet, Lane
 from failover._clock import Clock
 from failover._errors import TerminalStateError, UnknownRepayment
 from failover._models import (
@@ -194,7 +194,11 @@ class LateWork:
         settings = self._settings()
         await self._watch(settings)
         now = self._clock.now()
-        claim = now + timedelta(seconds=max(settings.retry_s, 1.0))
+        # Claimed past any call a check can make (a query or a refund, each within its
+        # channel's timeout), so no other instance works it while this one does.
+        longest = max((lane.config.timeout_s for lane in self._channels.layout.lanes.values()),
+                      default=0.0)
+        claim = now + timedelta(seconds=max(settings.retry_s, 2 * longest, 1.0))
         due = await self._journal.due_late_checks(now, settings.batch, claim)
         gate = asyncio.Semaphore(CONCURRENCY)
 
@@ -209,19 +213,17 @@ class LateWork:
             await self._remind(settings)
 
     async def _watch(self, settings: LateSettings) -> None:
-        keys = await self._journal.watched(settings.batch)
-        if not keys:
-            return
         first = timedelta(seconds=settings.checks_s[0] if settings.checks_s else 0.0)
-        records = await self._journal.load_many(keys)
-        for key in keys:
-            record = records.get(key)
-            if record is None:
-                continue
-            checks = watch_list(record, record.updated_at + first) if settings.checks_s \
-                else [c for c in watch_list(record, record.updated_at)
-                      if c.state is LateState.COLLECTED]
-            await self._journal.start_watching(key, checks)
+
+        def checks_of(record: Record) -> list[LateCheck]:
+            checks = watch_list(record, record.updated_at + first)
+            if not settings.checks_s:  # re-queries off: collections proven already only
+                checks = [c for c in checks if c.state is LateState.COLLECTED]
+            return checks
+
+        for key in await self._journal.watched(settings.batch):
+            with contextlib.suppress(UnknownRepayment):
+                await self._journal.start_watching(key, checks_of)
 
     async def _work(self, check: LateCheck, settings: LateSettings) -> None:
         record = await self._journal.load(check.key)
@@ -245,8 +247,9 @@ class LateWork:
         if lane is None:  # no longer configured: nothing can ask it
             await self._later(check, settings.retry_s)
             return
-        answer = await self._ask(lane.channel.query, (request_for(record, check.reference),),
-                                 lane.config.timeout_s, lane.config.outcome_map)
+        answer = await self._ask(lane, lane.channel.query,
+                                 (request_for(record, check.reference),),
+                                 lane.config.outcome_map)
         now = self._clock.now()
         if answer.outcome is Outcome.SUCCEEDED:
             await self.found(record.key, check.channel, check.reference,
@@ -299,7 +302,8 @@ class LateWork:
                 break
             try:
                 await self._journal.correct(key, record.round, settlement.correction,
-                                            settlement.displaced)
+                                            settlement.displaced,
+                                            after=len(record.corrections))
             except TerminalStateError:
                 continue  # it moved meanwhile (a new round, another instance): again
             c = settlement.correction
@@ -323,47 +327,46 @@ class LateWork:
         lane = self._channels.layout.lanes.get(check.channel)
         method = None if lane is None else getattr(lane.channel, "refund", None)
         now = self._clock.now()
-        if method is None:
-            manual = dataclasses.replace(check, refund=RefundState.MANUAL, next_at=None,
-                                         refund_code="no_refund_capability", refund_at=now)
-            if await self._journal.update_late_check(manual, check):
-                self._emit(RefundNeedsManual(record.key, check.channel, check.reference,
-                                             manual.refund_code or ""))
-            return
-        assert lane is not None
         ref = refund_reference(check.reference)
         if check.refund in (RefundState.SENT, RefundState.UNKNOWN):
-            if check.refund_at is not None \
-                    and now < check.refund_at + timedelta(seconds=settings.retry_s):
-                return  # just sent, here or by another instance: its answer comes first
-            # Sent before (an unknown answer, or a process stopped): ask what became of it.
+            # Sent before: what became of it is settled first, whatever changed since
+            # (a refund that applied must never end on the manual list).
+            if lane is None or check.refund_at is not None \
+                    and now < check.refund_at + timedelta(seconds=self._in_air_s(lane)):
+                # Just sent, here or by another instance (its answer comes first), or
+                # its channel is not configured now (asked once it is again).
+                await self._later(check, settings.retry_s)
+                return
             query = getattr(lane.channel, "query_refund", None)
             if query is not None:
-                answer = await self._ask(query, (request_for(record, ref),),
-                                         lane.config.timeout_s, None)
+                answer = await self._ask(lane, query, (request_for(record, ref),), None)
                 if answer.outcome is Outcome.SUCCEEDED:
                     await self._refunded(record, check, ref, answer)
                     return
                 if answer.outcome is not Outcome.NOT_FOUND:
                     await self._later(check, settings.retry_s)
                     return
+            if method is None:  # never applied, and cannot be sent again
+                await self._manual(record, check, "no_refund_capability")
+                return
             # Not found (or no way to ask): sent again under the same reference, which
             # the channel deduplicates, so it is never refunded twice.
+        elif method is None:
+            await self._manual(record, check, "no_refund_capability" if lane is not None
+                               else "channel_not_configured")
+            return
+        assert lane is not None and method is not None
         sent = dataclasses.replace(check, refund=RefundState.SENT, refund_reference=ref,
                                    refund_at=now,
-                                   next_at=now + timedelta(seconds=settings.retry_s))
+                                   next_at=now + timedelta(seconds=self._in_air_s(lane)))
         if not await self._journal.update_late_check(sent, check):
             return  # another instance moved it
-        answer = await self._ask(method, (request_for(record, ref), check.channel_reference,
-                                          record.amount), lane.config.timeout_s, None)
+        answer = await self._ask(lane, method, (request_for(record, ref),
+                                                check.channel_reference, record.amount), None)
         if answer.outcome is Outcome.SUCCEEDED:
             await self._refunded(record, sent, ref, answer)
         elif answer.outcome in (Outcome.DECLINED, Outcome.REJECTED):
-            manual = dataclasses.replace(sent, refund=RefundState.MANUAL, next_at=None,
-                                         refund_code=answer.code or answer.outcome.value)
-            if await self._journal.update_late_check(manual, sent):
-                self._emit(RefundNeedsManual(record.key, check.channel, check.reference,
-                                             manual.refund_code or ""))
+            await self._manual(record, sent, answer.code or answer.outcome.value)
         elif answer.outcome is Outcome.UNAVAILABLE:
             await self._journal.update_late_check(
                 dataclasses.replace(sent, refund=RefundState.DUE, refund_code=answer.code),
@@ -373,6 +376,17 @@ class LateWork:
                 dataclasses.replace(sent, refund=RefundState.UNKNOWN,
                                     refund_code=answer.code), sent)
 
+    async def _manual(self, record: Record, check: LateCheck, reason: str) -> None:
+        manual = dataclasses.replace(check, refund=RefundState.MANUAL, next_at=None,
+                                     refund_code=reason, refund_at=self._clock.now())
+        if await self._journal.update_late_check(manual, check):
+            self._emit(RefundNeedsManual(record.key, check.channel, check.reference, reason))
+
+    def _in_air_s(self, lane: Lane) -> float:
+        """How long a refund just sent is left to its sender: past ``retry_s`` and past
+        twice the channel's timeout, so that its call has surely ended."""
+        return max(self._settings().retry_s, 2 * lane.config.timeout_s)
+
     async def _refunded(self, record: Record, check: LateCheck, ref: str,
                         answer: ChannelResult) -> None:
         done = dataclasses.replace(check, refund=RefundState.REFUNDED, refund_reference=ref,
@@ -381,14 +395,25 @@ class LateWork:
         if await self._journal.update_late_check(done, check):
             self._emit(RefundIssued(record.key, check.channel, check.reference, ref))
 
-    async def _ask(self, method: Callable[..., Any], args: tuple[Any, ...], timeout_s: float,
+    async def _ask(self, lane: Lane, method: Callable[..., Any], args: tuple[Any, ...],
                    codes: Mapping[str, str] | None) -> ChannelResult:
-        async def call(_: ChannelRequest) -> Any:
-            if is_sync(method):
-                return await asyncio.to_thread(method, *args)
-            return await method(*args)
+        """Call an adapter method as the router calls a query: within the channel's
+        ``timeout_s``; a plain ``def`` on the channel's own bounded threads (never the
+        loop's shared pool, which the journal and ``close()`` need)."""
+        request: ChannelRequest = args[0]
+        if is_sync(method):
+            runner = runner_for(lane.name, "late", lane.config.sync_workers)
+            thread = runner.start(lambda _: method(*args), request, self._clock, submit=False)
+            if thread is None:
+                return ChannelResult.unavailable("sync_workers_busy", "no thread for it")
 
-        return await invoke(call, args[0], timeout_s, codes, self._clock)
+            async def call(_: ChannelRequest) -> Any:
+                return await asyncio.shield(thread)
+        else:
+            async def call(_: ChannelRequest) -> Any:
+                return await method(*args)
+
+        return await invoke(call, request, lane.config.timeout_s, codes, self._clock)
 
     # ---- reminders ---------------------------------------------------------------------
 

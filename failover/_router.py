@@ -345,9 +345,9 @@ class Router:
                     or await self._journal.late_checks(key, state=LateState.COLLECTED)):
                 # A channel answered SUCCEEDED after the repayment failed (a late answer):
                 # the borrower paid.  Corrected now; a new round would collect again.
-                await self._journal.start_watching(key, [
-                    c for c in watch_list(record, self._clock.now())
-                    if c.state is LateState.COLLECTED])
+                for check in watch_list(record, self._clock.now()):
+                    if check.state is LateState.COLLECTED:
+                        await self._journal.collected_late(check)
                 record = await self._late.settle(key)
             if record.status is RepaymentStatus.FAILED:
                 try:

@@ -602,12 +602,35 @@ def _check(key: str = KEY, reference: str = "ref-1", **kw: object) -> LateCheck:
     return LateCheck(key=key, reference=reference, **fields)  # type: ignore[arg-type]
 
 
+async def test_watching_reads_the_record_it_clears_the_mark_of(journal, clock):
+    """The checks are built from the record as it stands in the same write."""
+    await _ended(journal, clock, ChannelResult.unknown(), RepaymentStatus.FAILED)
+    seen = []
+
+    await journal.start_watching(KEY, lambda record: seen.append(record.status) or [])
+
+    assert [RepaymentStatus.FAILED] == seen
+
+
+async def test_an_ending_after_the_watch_marks_it_again(journal, clock):
+    """A new round that ends (after the mark was turned into checks) is watched anew."""
+    await _ended(journal, clock, ChannelResult.unknown(), RepaymentStatus.FAILED)
+    await journal.start_watching(KEY, lambda record: [])
+    await journal.new_round(KEY, clock.now())
+    number = await journal.begin_attempt(KEY, 2, "card", "ref-2", clock.now())
+    await journal.finish(KEY, 2, RepaymentStatus.FAILED, None, None, "unknown", clock.now(),
+                         attempt=(number, ChannelResult.unknown()))
+
+    assert [KEY] == await journal.watched(10)
+
+
 async def test_watching_adds_checks_once_and_clears_the_mark(journal, clock):
     await _ended(journal, clock, ChannelResult.unknown(), RepaymentStatus.FAILED)
     check = _check(next_at=clock.now())
 
-    await journal.start_watching(KEY, [check])
-    await journal.start_watching(KEY, [_check(next_at=clock.now() + timedelta(hours=1))])
+    await journal.start_watching(KEY, lambda record: [check])
+    await journal.start_watching(
+        KEY, lambda record: [_check(next_at=clock.now() + timedelta(hours=1))])
 
     assert [] == await journal.watched(10)
     assert [check] == await journal.late_checks(KEY)
@@ -615,7 +638,7 @@ async def test_watching_adds_checks_once_and_clears_the_mark(journal, clock):
 
 async def test_due_checks_are_claimed_until_the_claim_runs_out(journal, clock):
     await _ended(journal, clock, ChannelResult.unknown(), RepaymentStatus.FAILED)
-    await journal.start_watching(KEY, [_check(next_at=clock.now())])
+    await journal.start_watching(KEY, lambda record: [_check(next_at=clock.now())])
     claim = clock.now() + timedelta(seconds=60)
 
     [due] = await journal.due_late_checks(clock.now(), 10, claim)
@@ -629,7 +652,7 @@ async def test_a_check_moves_only_from_the_state_it_was_read_in(journal, clock):
     """Compare-and-set: of two instances moving one check, one wins."""
     await _ended(journal, clock, ChannelResult.unknown(), RepaymentStatus.FAILED)
     check = _check(next_at=clock.now())
-    await journal.start_watching(KEY, [check])
+    await journal.start_watching(KEY, lambda record: [check])
     sent = dataclasses.replace(check, state=LateState.COLLECTED, refund=RefundState.SENT)
 
     assert await journal.update_late_check(sent, check)
@@ -679,6 +702,23 @@ async def test_a_correction_of_an_ending_that_moved_is_refused(journal, clock):
     with pytest.raises(failover.TerminalStateError):
         await journal.correct(KEY, 1, _correction(clock))
     assert 1 == len((await journal.load(KEY)).corrections)
+
+
+async def test_a_correction_planned_before_another_landed_is_refused(journal, clock):
+    """Compare-and-set on the corrections too: a correction that leaves the ending's
+    columns as they were (a channel reference that is None both times) still moves the
+    count, so one planned on the read before it never lands."""
+    await _ended(journal, clock, ChannelResult.succeeded(None), RepaymentStatus.SUCCEEDED)
+    same = Correction(
+        at=clock.now(), reason="late_collection", old_status=RepaymentStatus.SUCCEEDED,
+        old_channel="card", old_channel_reference=None, old_code=None,
+        new_status=RepaymentStatus.SUCCEEDED, new_channel="card", new_channel_reference=None,
+        reference="ref-0", evidence="callback")
+    await journal.correct(KEY, 1, same, after=0)
+
+    with pytest.raises(failover.TerminalStateError):
+        await journal.correct(KEY, 1, dataclasses.replace(same, reference="ref-9"), after=0)
+    assert ["ref-0"] == [c.reference for c in (await journal.load(KEY)).corrections]
 
 
 async def test_a_correction_that_displaces_the_ending_adds_it_to_refund(journal, clock):

@@ -285,9 +285,12 @@ class Journal(Protocol):
         not yet turned into ``LateCheck`` rows, oldest first."""
         ...
 
-    async def start_watching(self, key: str, checks: Sequence[LateCheck]) -> None:
-        """Add ``checks`` for ``key`` (a reference already watched is kept as it stands)
-        and clear its watch, in one write."""
+    async def start_watching(self, key: str,
+                             checks_of: Callable[[Record], Sequence[LateCheck]]) -> None:
+        """Turn ``key``'s watch mark into checks, in one write: the record is read there
+        (locked against a concurrent ending), ``checks_of(record)`` added (a reference
+        already watched is kept as it stands) and the mark cleared.  An ending that
+        comes after sets a new mark."""
         ...
 
     async def due_late_checks(self, now: datetime, limit: int, claim_until: datetime
@@ -314,9 +317,10 @@ class Journal(Protocol):
         ...
 
     async def correct(self, key: str, round: int, correction: Correction,
-                      displaced: LateCheck | None = None) -> Record:
+                      displaced: LateCheck | None = None, *, after: int = 0) -> Record:
         """Change a terminal repayment's ending as ``correction`` says, if it still
-        stands at ``correction.old_*`` in ``round``; the correction is kept with it.
+        stands at ``correction.old_*`` in ``round`` with ``after`` corrections already
+        (so a correction planned on a stale read never lands); it is kept with them.
         ``displaced`` (the collection it no longer rests on) is added, in the same write,
         as a late collection to refund.  ``TerminalStateError`` if it moved meanwhile."""
         ...

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -180,7 +180,7 @@ class MemoryJournal(SingleOwner):
         row.skips += tuple(skips)
         row.touch(now)
         record = row.freeze()
-        if row.watch is None and needs_watch(record):
+        if needs_watch(record):
             row.watch = now
         return record
 
@@ -225,10 +225,12 @@ class MemoryJournal(SingleOwner):
                       if row.watch is not None)
         return [key for _, key in rows[:limit]]
 
-    async def start_watching(self, key: str, checks: Sequence[LateCheck]) -> None:
-        for check in checks:
+    async def start_watching(self, key: str,
+                             checks_of: Callable[[Record], Sequence[LateCheck]]) -> None:
+        row = self._get(key)
+        for check in checks_of(row.freeze()):
             self._late.setdefault((check.key, check.reference), check)
-        self._get(key).watch = None
+        row.watch = None
 
     async def due_late_checks(self, now: datetime, limit: int, claim_until: datetime
                               ) -> list[LateCheck]:
@@ -264,12 +266,13 @@ class MemoryJournal(SingleOwner):
         return True
 
     async def correct(self, key: str, round: int, correction: Correction,
-                      displaced: LateCheck | None = None) -> Record:
+                      displaced: LateCheck | None = None, *, after: int = 0) -> Record:
         row = self._get(key)
         ending = row.ending
-        if (row.status, row.round, ending.get("channel"), ending.get("channel_reference")) \
+        if (row.status, row.round, ending.get("channel"), ending.get("channel_reference"),
+                len(row.corrections)) \
                 != (correction.old_status, round, correction.old_channel,
-                    correction.old_channel_reference):
+                    correction.old_channel_reference, after):
             raise TerminalStateError(key, row.status.value)
         row.status = correction.new_status
         row.ending = {"channel": correction.new_channel,

@@ -212,6 +212,15 @@ BEGIN
     END IF;
     RETURN NEW;
 END $$;
+-- Repayments that ended before this version and may still collect are watched too
+-- (needs_watch).  Instances of the previous version must be stopped first: they would
+-- not mark their endings.
+UPDATE {s}.repayments AS r SET watch_at = r.updated_at WHERE r.status <> 'pending' AND EXISTS (
+    SELECT 1 FROM {s}.attempts x WHERE x.key = r.key AND (
+        x.resolution = 'not_found'
+        OR (x.resolution IS NULL AND (x.outcome IS NULL OR x.outcome IN ('unknown', 'not_found')))
+        OR ('succeeded' IN (x.outcome, x.resolution) AND NOT (r.status = 'succeeded'
+            AND x.channel IS NOT DISTINCT FROM r.channel AND x.round = r.round))));
 """),
 ]
 
@@ -1233,11 +1242,18 @@ class PostgresJournal:
                " ORDER BY watch_at LIMIT $1")
         return [row[0] for row in await self._submit(lambda conn: conn.fetch(sql, limit))]
 
-    async def start_watching(self, key: str, checks: Sequence[LateCheck]) -> None:
-        schema = self.schema
-        rows = [late_check_row(check) for check in checks]
+    async def start_watching(self, key: str,
+                             checks_of: Callable[[Record], Sequence[LateCheck]]) -> None:
+        schema, sql = self.schema, self._sql
 
         async def apply(conn: asyncpg.Connection) -> None:
+            # The row locked first: an ending (which marks it again) waits for this write.
+            if await conn.fetchval(f"SELECT 1 FROM {schema}.repayments WHERE key = $1"
+                                   " FOR UPDATE", key) is None:
+                raise UnknownRepayment(key)
+            record = await _load(conn, sql, key)
+            assert record is not None
+            rows = [late_check_row(check) for check in checks_of(record)]
             if rows:
                 await conn.executemany(
                     f"INSERT INTO {schema}.late_checks ({LATE_COLUMNS}) VALUES ({_LATE_MARKS})"
@@ -1308,7 +1324,7 @@ class PostgresJournal:
         return await self._submit(apply, route=check.key)
 
     async def correct(self, key: str, round: int, correction: Correction,
-                      displaced: LateCheck | None = None) -> Record:
+                      displaced: LateCheck | None = None, *, after: int = 0) -> Record:
         schema, sql, c = self.schema, self._sql, correction
         kept = json.dumps([correction_json(c)])
         displaced_row = None if displaced is None else late_check_row(displaced)
@@ -1320,9 +1336,10 @@ class PostgresJournal:
                 " corrections = COALESCE(corrections, '[]'::jsonb) || $4::jsonb,"
                 " updated_at = $5 WHERE key = $6 AND round = $7 AND status = $8"
                 " AND channel IS NOT DISTINCT FROM $9"
-                " AND channel_reference IS NOT DISTINCT FROM $10 RETURNING 1",
+                " AND channel_reference IS NOT DISTINCT FROM $10"
+                " AND jsonb_array_length(COALESCE(corrections, '[]'::jsonb)) = $11 RETURNING 1",
                 c.new_status.value, c.new_channel, c.new_channel_reference, kept, c.at, key,
-                round, c.old_status.value, c.old_channel, c.old_channel_reference)
+                round, c.old_status.value, c.old_channel, c.old_channel_reference, after)
             if done is None:
                 status = await conn.fetchval(
                     f"SELECT status FROM {schema}.repayments WHERE key = $1", key)
@@ -1542,7 +1559,7 @@ class _Statements:
             f" pending_channel = NULL, updated_at = $5, owner = $3,"
             f" token = nextval('{schema}.tokens'), lease_until = {lease.format('$4')}"
             " WHERE key = $1 AND status = 'failed' AND round = $2 RETURNING token")
-        self.watch = (f"UPDATE {r} SET watch_at = $2 WHERE key = $1 AND watch_at IS NULL"
+        self.watch = (f"UPDATE {r} SET watch_at = $2 WHERE key = $1"
                       f" AND status <> 'pending' AND {WATCH_SQL.format(a=a, r=r)}")
         self.load = f"SELECT {_RECORD_COLUMNS} FROM {r} WHERE key = $1"
         self.load_attempts = (f"SELECT {_ATTEMPT_COLUMNS} FROM {a} WHERE key = $1"

@@ -155,6 +155,15 @@ CREATE TRIGGER failed_changes_by_new_round_only
 BEFORE UPDATE OF status, round, channel, channel_reference, code ON repayments
 WHEN OLD.status = 'failed' AND NEW.round = OLD.round AND NEW.corrections IS OLD.corrections
 BEGIN SELECT RAISE(ABORT, 'terminal: failed'); END;
+-- Repayments that ended before this version and may still collect are watched too
+-- (needs_watch, in SQL that any SQLite reads).
+UPDATE repayments SET watch_at = updated_at WHERE status <> 'pending' AND EXISTS (
+    SELECT 1 FROM attempts x WHERE x.key = repayments.key AND (
+        x.resolution = 'not_found'
+        OR (x.resolution IS NULL AND (x.outcome IS NULL OR x.outcome IN ('unknown', 'not_found')))
+        OR ((x.outcome = 'succeeded' OR x.resolution = 'succeeded')
+            AND NOT (repayments.status = 'succeeded' AND x.channel IS repayments.channel
+                     AND x.round = repayments.round))));
 """
 
 _MIGRATIONS = ((1, _SCHEMA), (2, _SCHEMA_2))
@@ -542,8 +551,8 @@ class SQLiteJournal(SingleOwner):
                 _refuse(conn, key)
             record = _record(row, _attempts_of(conn, key))
             if needs_watch(record):
-                conn.execute("UPDATE repayments SET watch_at = ? WHERE key = ?"
-                             " AND watch_at IS NULL", (_utc(now), key))
+                conn.execute("UPDATE repayments SET watch_at = ? WHERE key = ?",
+                             (_utc(now), key))
             return record
 
         return await self._submit(op)
@@ -614,13 +623,17 @@ class SQLiteJournal(SingleOwner):
             "SELECT key FROM repayments WHERE watch_at IS NOT NULL ORDER BY watch_at LIMIT ?",
             (limit,))])
 
-    async def start_watching(self, key: str, checks: Sequence[LateCheck]) -> None:
-        rows = [_late_row(check) for check in checks]
-
+    async def start_watching(self, key: str,
+                             checks_of: Callable[[Record], Sequence[LateCheck]]) -> None:
         def op(conn: sqlite3.Connection) -> None:
+            # One writer thread: no ending can come between this read and the clear.
+            record = _load(conn, key)
+            if record is None:
+                raise UnknownRepayment(key)
             conn.executemany(
                 f"INSERT INTO late_checks ({LATE_COLUMNS}) VALUES ({_LATE_MARKS})"
-                " ON CONFLICT (key, reference) DO NOTHING", rows)
+                " ON CONFLICT (key, reference) DO NOTHING",
+                [_late_row(check) for check in checks_of(record)])
             conn.execute("UPDATE repayments SET watch_at = NULL WHERE key = ?", (key,))
 
         await self._submit(op)
@@ -684,7 +697,7 @@ class SQLiteJournal(SingleOwner):
         return await self._submit(op)
 
     async def correct(self, key: str, round: int, correction: Correction,
-                      displaced: LateCheck | None = None) -> Record:
+                      displaced: LateCheck | None = None, *, after: int = 0) -> Record:
         c = correction
 
         def op(conn: sqlite3.Connection) -> Record:
@@ -697,9 +710,11 @@ class SQLiteJournal(SingleOwner):
                 "UPDATE repayments SET status = ?, channel = ?, channel_reference = ?,"
                 " code = NULL, corrections = ?, updated_at = ? WHERE key = ? AND round = ?"
                 " AND status = ? AND channel IS ? AND channel_reference IS ?"
+                " AND json_array_length(COALESCE(corrections, '[]')) = ?"
                 f" RETURNING {_RECORD_COLUMNS}",
                 (c.new_status.value, c.new_channel, c.new_channel_reference, kept, _ts(c.at),
-                 key, round, c.old_status.value, c.old_channel, c.old_channel_reference),
+                 key, round, c.old_status.value, c.old_channel, c.old_channel_reference,
+                 after),
             ).fetchone()
             if row is None:
                 status = conn.execute("SELECT status FROM repayments WHERE key = ?",
