@@ -331,8 +331,8 @@ class LateWork:
         if check.refund in (RefundState.SENT, RefundState.UNKNOWN):
             # Sent before: what became of it is settled first, whatever changed since
             # (a refund that applied must never end on the manual list).
-            if lane is None or check.refund_at is not None \
-                    and now < check.refund_at + timedelta(seconds=self._in_air_s(lane)):
+            if lane is None or (check.refund_at is not None and now < check.refund_at
+                                + timedelta(seconds=self._in_air_s(lane))):
                 # Just sent, here or by another instance (its answer comes first), or
                 # its channel is not configured now (asked once it is again).
                 await self._later(check, settings.retry_s)
@@ -355,7 +355,8 @@ class LateWork:
             await self._manual(record, check, "no_refund_capability" if lane is not None
                                else "channel_not_configured")
             return
-        assert lane is not None and method is not None
+        assert lane is not None
+        assert method is not None
         sent = dataclasses.replace(check, refund=RefundState.SENT, refund_reference=ref,
                                    refund_at=now,
                                    next_at=now + timedelta(seconds=self._in_air_s(lane)))
