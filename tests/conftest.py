@@ -33,7 +33,7 @@ settings.register_profile(
     # suite stays well under four minutes; .ci/run's second step runs "ci".
     "standard",
     parent=settings.get_profile("ci"),
-    max_examples=60,
+    max_examples=45,
     stateful_step_count=40,
 )
 settings.register_profile(

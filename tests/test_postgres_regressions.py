@@ -634,6 +634,7 @@ async def test_a_slow_commit_is_read_back_once_its_session_has_ended(
 
 
 @pytest.mark.parametrize("grace_s", [0.0, 1.0])
+@pytest.mark.slow  # seconds of real lease time: run in .ci/run's second step
 async def test_a_thread_cancelled_within_its_timeout_keeps_the_repayment_from_takeover(
         grace_s, instances, ledger):
     """Takeover while a submit can still collect, cancelled mid-call: A closed its
@@ -662,6 +663,7 @@ async def test_a_thread_cancelled_within_its_timeout_keeps_the_repayment_from_ta
             caller.cancel()
 
 
+@pytest.mark.slow  # seconds of real lease time: run in .ci/run's second step
 async def test_a_database_blip_as_a_thread_outlives_its_timeout_keeps_the_repayment(
         instances, ledger, postgres_dsn, proxy):
     """Takeover while a submit can still collect, after a blip: the database was
@@ -790,6 +792,7 @@ async def test_close_answers_an_operation_queued_behind_a_read_back(
         await blackhole.stop()
 
 
+@pytest.mark.slow  # seconds of real lease time: run in .ci/run's second step
 async def test_a_write_given_up_after_fate_timeout_keeps_a_pinned_repayment(
         instances, ledger, postgres_dsn, proxy):
     """Takeover while a submit can still collect, after a lost COMMIT answer: A's
@@ -924,6 +927,7 @@ read-only server (SQLSTATE 25006, a plain server error, not a connection error),
 during a switchover; only this test's schema is touched."""
 
 
+@pytest.mark.slow  # seconds of real lease time: run in .ci/run's second step
 async def test_the_keeper_survives_a_server_error_and_keeps_the_repayment(
         instances, ledger, postgres_dsn, pg_schema):
     """Takeover while a submit can still collect, after a server error: the keeper
