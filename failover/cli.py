@@ -11,6 +11,7 @@
                     [--format table|csv|json]     late repayments and whose faults made them late
     failover reconcile CONFIG --journal JOURNAL   resolve PENDING repayments now
     failover migrate JOURNAL                      create or upgrade a journal's schema
+    failover purge --journal J --before DATE      erase accounts of repayments ended before DATE
     failover demo [--journal JOURNAL]             a simulated day, audited
     failover bench [SCENARIO ...]                 strategies compared on simulated scenarios
 
@@ -583,6 +584,33 @@ def _reconcile(args: argparse.Namespace) -> int:
     return PROBLEM if data["journal_by_status"].get("pending") else OK
 
 
+# ---- purge ------------------------------------------------------------------------------
+
+async def _purge_count(target: _Target, before: datetime) -> int:
+    journal = _open_journal(target, read_only=False)
+    await journal.open()
+    try:
+        erased: int = await journal.purge_accounts(before)
+        return erased
+    finally:
+        await journal.close()
+
+
+def _purge(args: argparse.Namespace) -> int:
+    target = _journal_target(args)
+    before = _moment("--before", args.before)
+    assert before is not None  # required
+    erased = _run(target, lambda: _purge_count(target, before))
+    data = {**target.data(), "before": before.isoformat(), "erased": erased}
+
+    def text() -> str:
+        return (f"{target.label}: erased the account of {erased} repayment(s) that ended"
+                f" before {before.isoformat()} (their records and attempts are kept)")
+
+    _emit(args, data, text)
+    return OK
+
+
 # ---- migrate ------------------------------------------------------------------------------
 
 def _sqlite_version(path: Path) -> int:
@@ -838,6 +866,12 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile = command("reconcile", _reconcile, "resolve PENDING repayments now")
     reconcile.add_argument("config", type=Path)
     journal_options(reconcile)
+
+    purge = command("purge", _purge, "erase the accounts of repayments that ended before a"
+                    " date, keeping their audit trail")
+    journal_options(purge)
+    purge.add_argument("--before", required=True,
+                       help="ended before this ISO 8601 date (midnight UTC) or date-time")
 
     migrate = command("migrate", _migrate,
                       "create or upgrade a journal's schema (PostgreSQL: apply migrations)")

@@ -17,7 +17,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, Protocol
 
-from failover._errors import IdempotencyConflict, UnknownRepayment
+from failover._errors import IdempotencyConflict, JournalError, UnknownRepayment
 from failover._models import (
     Attempt,
     ChannelResult,
@@ -344,6 +344,12 @@ class Journal(Protocol):
         was (by any instance, before any restart)."""
         ...
 
+    async def purge_accounts(self, before: datetime) -> int:
+        """Erase the account of every repayment that ended before ``before`` and has no
+        late-collection work left (a check still due may need it for a refund); the
+        rest of its record, the audit trail, stays.  Returns how many were erased."""
+        ...
+
 
 class SingleOwner:
     """Ownership for a journal one router owns whole: every repayment is its own."""
@@ -475,3 +481,21 @@ WATCH_SQL = (
     " AND x.channel IS NOT DISTINCT FROM {r}.channel AND x.round = {r}.round))))"
 )
 """``needs_watch`` in SQL: ``{a}`` the attempts table, ``{r}`` the repayments row."""
+
+
+def decoded(value: Any, codec: Any) -> Any:
+    """``value`` (a record, or a tuple, list or dict holding records) with every
+    record's account decoded by ``codec`` (see ``failover.codec``)."""
+    if isinstance(value, Record):
+        try:
+            account = codec.decode(value.account)
+        except JournalError as exc:
+            raise JournalError(f"repayment {value.key!r}: {exc}") from None
+        return dataclasses.replace(value, account=account)
+    if isinstance(value, tuple):
+        return tuple(decoded(v, codec) for v in value)
+    if isinstance(value, list):
+        return [decoded(v, codec) for v in value]
+    if isinstance(value, dict):
+        return {k: decoded(v, codec) for k, v in value.items()}
+    return value

@@ -21,6 +21,7 @@ from failover._models import (
     RepaymentStatus,
     Skip,
 )
+from failover.codec import PURGED
 from failover.journal._base import (
     Failover,
     JournalStats,
@@ -309,3 +310,14 @@ class MemoryJournal(SingleOwner):
             return False
         self._reminded.add((key, threshold_s))
         return True
+
+    async def purge_accounts(self, before: datetime) -> int:
+        busy = {c.key for c in self._late.values() if c.next_at is not None}
+        erased = 0
+        for key, row in self._rows.items():
+            if row.status is not RepaymentStatus.PENDING and row.updated_at < before \
+                    and key not in busy and row.record.account != PURGED:
+                row.record = dataclasses.replace(row.record, account=PURGED)
+                row.snapshot = None
+                erased += 1
+        return erased

@@ -71,6 +71,7 @@ from failover._models import (
     RepaymentStatus,
     Skip,
 )
+from failover.codec import PURGED, AccountCodec
 from failover.journal._base import (
     LATE_COLUMNS,
     WATCH_SQL,
@@ -80,6 +81,7 @@ from failover.journal._base import (
     Resolution,
     correction_json,
     corrections_from,
+    decoded,
     late_check_from,
     late_check_row,
     new_record,
@@ -317,6 +319,7 @@ class PostgresJournal:
         schema: str = "failover", migrate: bool = False, read_only: bool = False,
         poll_s: float = 1.0, sweep_batch: int = 100, connect_timeout_s: float = 5.0,
         fate_timeout_s: float | None = None, writers: int = 2,
+        codec: AccountCodec | None = None,
     ) -> None:
         """``dsn`` is a ``postgresql://`` URL.  ``instance`` names this owner in the
         table (default: host, pid and a random suffix: unique per journal object).
@@ -339,6 +342,9 @@ class PostgresJournal:
         if lease_s <= 0:
             raise ValueError(f"lease_s must be positive, got {lease_s}")
         self.dsn = dsn
+        self.codec = codec
+        """Encodes accounts before they are written, decodes them when read
+        (``failover.codec``); ``None`` stores them as given."""
         self.path = mask_dsn(dsn)
         """How this journal is named in messages (the DSN, password masked)."""
         self.schema = schema
@@ -578,7 +584,8 @@ class PostgresJournal:
             raise JournalError(f"journal {self.path}: the database is unreachable")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         lane.queue.put_nowait(_Op(apply, settle, future, key))
-        return await future
+        value = await future
+        return value if self.codec is None else decoded(value, self.codec)
 
     async def _write_loop(self, lane: _Lane) -> None:
         queue = lane.queue
@@ -1005,7 +1012,9 @@ class PostgresJournal:
                 record.created_at, record.updated_at, attempts=(sent_attempt,))
         sql = self._sql
         args = (
-            record.key, record.account, record.amount, record.currency, record.due_at,
+            record.key,
+            record.account if self.codec is None else self.codec.encode(record.account),
+            record.amount, record.currency, record.due_at,
             json.dumps(record.metadata), None if preference is None else list(preference),
             PendingReason.IN_FLIGHT.value, now, self.instance, self.lease_s,
             None if first_attempt is None else first_attempt[0],
@@ -1388,6 +1397,18 @@ class PostgresJournal:
                " AND status <> 'succeeded' ORDER BY due_at, key")
         rows = await self._submit(lambda conn: conn.fetch(sql, now, within_s))
         return [_record(row, ()) for row in rows]
+
+    async def purge_accounts(self, before: datetime) -> int:
+        sql = (f"UPDATE {self.schema}.repayments AS r SET account = $2"
+               " WHERE status <> 'pending' AND updated_at < $1 AND account <> $2"
+               f" AND NOT EXISTS (SELECT 1 FROM {self.schema}.late_checks c"
+               " WHERE c.key = r.key AND c.next_at IS NOT NULL)")
+
+        async def apply(conn: asyncpg.Connection) -> int:
+            status = await conn.execute(sql, before, PURGED)
+            return int(status.split()[-1])
+
+        return await self._submit(apply)
 
     async def remind_once(self, key: str, threshold_s: float, now: datetime) -> bool:
         sql = (f"INSERT INTO {self.schema}.reminders (key, threshold_s, at)"

@@ -12,6 +12,7 @@ with a single statement.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import json
@@ -46,6 +47,7 @@ from failover._models import (
     RepaymentStatus,
     Skip,
 )
+from failover.codec import PURGED, AccountCodec
 from failover.journal._base import (
     LATE_COLUMNS,
     Failover,
@@ -55,6 +57,7 @@ from failover.journal._base import (
     SingleOwner,
     correction_json,
     corrections_from,
+    decoded,
     late_check_from,
     late_check_row,
     needs_watch,
@@ -208,7 +211,8 @@ class SQLiteJournal(SingleOwner):
     """A journal in one SQLite file (created if missing)."""
 
     def __init__(
-        self, path: str | Path, *, busy_timeout_s: float = 30.0, read_only: bool = False
+        self, path: str | Path, *, busy_timeout_s: float = 30.0, read_only: bool = False,
+        codec: AccountCodec | None = None,
     ) -> None:
         """``read_only`` opens an existing journal for reading (the ``status`` and
         ``inspect`` commands) beside the process that owns it.
@@ -221,6 +225,9 @@ class SQLiteJournal(SingleOwner):
         """
         self.path = str(path)
         self.read_only = read_only
+        self.codec = codec
+        """Encodes accounts before they are written, decodes them when read
+        (``failover.codec``); ``None`` stores them as given."""
         self._busy_timeout_s = busy_timeout_s
         self._lock_fd: int | None = None
         self._queue: queue.SimpleQueue[
@@ -266,7 +273,7 @@ class SQLiteJournal(SingleOwner):
         # (A hard link is a second name the lock cannot see: do not link journal files.)
         lock_path = os.path.realpath(self.path) + ".lock"
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise JournalError(f"cannot open journal {self.path!r}: {exc.strerror}") from exc
         try:
@@ -299,6 +306,10 @@ class SQLiteJournal(SingleOwner):
             )
         self._take_lock()
         try:
+            # Readable by its owner only: it holds what borrowers paid (and, without a
+            # codec, their accounts).  SQLite gives its -wal and -shm files the same mode.
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
             return self._connect_writable()
         except BaseException:
             self._release_lock()
@@ -421,7 +432,8 @@ class SQLiteJournal(SingleOwner):
             raise JournalError(f"journal {self.path!r} is not open")
         future: asyncio.Future[T] = self._loop.create_future()
         self._queue.put((operation, future))
-        return await future
+        value = await future
+        return value if self.codec is None else decoded(value, self.codec)
 
     # ---- operations --------------------------------------------------------
 
@@ -441,7 +453,9 @@ class SQLiteJournal(SingleOwner):
                 " VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', 1, ?, ?, ?)"
                 " ON CONFLICT (key) DO NOTHING",
                 (
-                    record.key, record.account, str(record.amount), record.currency,
+                    record.key,
+                    record.account if self.codec is None else self.codec.encode(record.account),
+                    str(record.amount), record.currency,
                     _ts(record.due_at), json.dumps(record.metadata),
                     None if preference is None else json.dumps(list(preference)),
                     PendingReason.IN_FLIGHT.value, _ts(now), _ts(now),
@@ -759,6 +773,17 @@ class SQLiteJournal(SingleOwner):
                 " AND julianday(due_at) <= julianday(?1) + ?2 / 86400.0"
                 " ORDER BY julianday(due_at), key", (_utc(now), within_s)).fetchall()
             return [_record(row, ()) for row in rows]
+
+        return await self._submit(op)
+
+    async def purge_accounts(self, before: datetime) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute(
+                "UPDATE repayments SET account = ? WHERE status <> 'pending'"
+                " AND julianday(updated_at) < julianday(?) AND account <> ?"
+                " AND NOT EXISTS (SELECT 1 FROM late_checks c WHERE c.key = repayments.key"
+                " AND c.next_at IS NOT NULL)", (PURGED, _utc(before), PURGED))
+            return cursor.rowcount
 
         return await self._submit(op)
 
