@@ -11,6 +11,7 @@
                     [--format table|csv|json]     late repayments and whose faults made them late
     failover reconcile CONFIG --journal JOURNAL   resolve PENDING repayments now
     failover migrate JOURNAL                      create or upgrade a journal's schema
+    failover list --journal J [--status ...]      repayments by status, channel, code, date
     failover purge --journal J --before DATE      erase accounts of repayments ended before DATE
     failover demo [--journal JOURNAL]             a simulated day, audited
     failover bench [SCENARIO ...]                 strategies compared on simulated scenarios
@@ -293,19 +294,35 @@ def _journal_target(args: argparse.Namespace) -> _Target:
     return target
 
 
+def _codec() -> Any:
+    """The account codec when ``FAILOVER_ACCOUNT_KEYS`` is set (accounts are then shown
+    masked, as decoded), else none (encrypted accounts stay unreadable)."""
+    import os
+
+    if not os.environ.get("FAILOVER_ACCOUNT_KEYS"):
+        return None
+    from failover.codec import FernetCodec
+
+    try:
+        return FernetCodec.from_env()
+    except ConfigError as exc:
+        raise _Abort(str(exc)) from exc
+
+
 def _open_journal(target: _Target, *, read_only: bool = True, migrate: bool = False,
                   must_exist: bool = True) -> Any:
     """The journal, not yet opened.  A missing SQLite file is refused (nothing is created)
     unless ``must_exist`` is false; a PostgreSQL schema is created only with ``migrate``."""
     from failover.journal import open_journal
 
+    codec = _codec()
     if not target.is_dsn:
         if must_exist and not target.path.exists():
             raise _Abort(f"--journal: no journal at {target.path}")
-        return open_journal(target.path, read_only=read_only)
+        return open_journal(target.path, read_only=read_only, codec=codec)
     try:
         return open_journal(target.text, read_only=read_only, migrate=migrate,
-                            schema=target.schema or DEFAULT_SCHEMA)
+                            schema=target.schema or DEFAULT_SCHEMA, codec=codec)
     except ValueError as exc:  # a schema name the journal refuses
         raise _Abort(target.redact(str(exc))) from exc
 
@@ -582,6 +599,57 @@ def _reconcile(args: argparse.Namespace) -> int:
         # the ones this command could drive count.
         return PROBLEM if data["outcomes"]["pending"] else OK
     return PROBLEM if data["journal_by_status"].get("pending") else OK
+
+
+# ---- list -------------------------------------------------------------------------------
+
+async def _list_data(target: _Target, args: argparse.Namespace) -> list[dict[str, Any]]:
+    from failover._models import RepaymentStatus, _mask
+
+    journal = _open_journal(target)
+    await journal.open()
+    try:
+        records = await journal.find(
+            status=None if args.status is None else RepaymentStatus(args.status),
+            channel=args.channel, code=args.code, since=_moment("--since", args.since),
+            until=_moment("--until", args.until), limit=args.limit)
+    finally:
+        await journal.close()
+    return [{
+        "key": r.key, "status": r.status.value, "amount": str(r.amount),
+        "currency": r.currency, "account": _mask(r.account) if not
+        r.account.startswith("fernet:") else "<encrypted>",
+        "channel": r.channel or r.pending_channel, "code": r.code,
+        "pending_reason": None if r.pending_reason is None or r.status.value != "pending"
+        else r.pending_reason.value,
+        "round": r.round, "attempts": len(r.attempts),
+        "created_at": r.created_at.isoformat(), "updated_at": r.updated_at.isoformat(),
+        "corrections": len(r.corrections),
+    } for r in records]
+
+
+def _list(args: argparse.Namespace) -> int:
+    target = _journal_target(args)
+    if args.limit < 1:
+        raise _Abort("--limit must be at least 1")
+    rows = _run(target, lambda: _list_data(target, args))
+    data = {**target.data(), "repayments": rows}
+
+    def text() -> str:
+        if not rows:
+            return f"{target.label}: no repayment matches"
+        table = _table(["key", "status", "amount", "account", "channel", "code", "attempts",
+                        "created"],
+                       [[r["key"], r["status"] + (f" ({r['pending_reason']})"
+                                                  if r["pending_reason"] else ""),
+                         f"{r['amount']} {r['currency']}", r["account"], r["channel"] or "-",
+                         r["code"] or "-", r["attempts"], r["created_at"][:19]]
+                        for r in rows])
+        more = "" if len(rows) < args.limit else f"\n(first {args.limit}; --limit for more)"
+        return f"{target.label}: {len(rows)} repayment(s), newest first\n{table}{more}"
+
+    _emit(args, data, text)
+    return OK
 
 
 # ---- purge ------------------------------------------------------------------------------
@@ -866,6 +934,16 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile = command("reconcile", _reconcile, "resolve PENDING repayments now")
     reconcile.add_argument("config", type=Path)
     journal_options(reconcile)
+
+    listing = command("list", _list, "list repayments by status, channel, code and date"
+                      " (accounts masked)")
+    journal_options(listing)
+    listing.add_argument("--status", choices=("pending", "failed", "succeeded"), default=None)
+    listing.add_argument("--channel", help="the channel it ended on (or waits on)")
+    listing.add_argument("--code", help="its code (why it failed or waits)")
+    listing.add_argument("--since", help="created on or after this ISO 8601 date or date-time")
+    listing.add_argument("--until", help="created before this ISO 8601 date or date-time")
+    listing.add_argument("--limit", type=int, default=100, help="at most this many (100)")
 
     purge = command("purge", _purge, "erase the accounts of repayments that ended before a"
                     " date, keeping their audit trail")

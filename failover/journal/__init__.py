@@ -43,4 +43,5 @@ def open_journal(target: str | Path, *, read_only: bool = False, migrate: bool =
     if is_dsn(target):
         return PostgresJournal(str(target), read_only=read_only, migrate=migrate,
                                schema=schema, **options)  # type: ignore[arg-type]
-    return SQLiteJournal(target, read_only=read_only)
+    return SQLiteJournal(target, read_only=read_only,
+                         codec=options.get("codec"))  # type: ignore[arg-type]

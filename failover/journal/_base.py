@@ -344,6 +344,13 @@ class Journal(Protocol):
         was (by any instance, before any restart)."""
         ...
 
+    async def find(self, *, status: RepaymentStatus | None = None, channel: str | None = None,
+                   code: str | None = None, since: datetime | None = None,
+                   until: datetime | None = None, limit: int = 100) -> list[Record]:
+        """Repayments created in [``since``, ``until``), newest first, of that status,
+        channel (its ending's, or the one a pending repayment waits on) and code."""
+        ...
+
     async def purge_accounts(self, before: datetime) -> int:
         """Erase the account of every repayment that ended before ``before`` and has no
         late-collection work left (a check still due may need it for a refund); the

@@ -321,3 +321,15 @@ class MemoryJournal(SingleOwner):
                 row.snapshot = None
                 erased += 1
         return erased
+
+    async def find(self, *, status: RepaymentStatus | None = None, channel: str | None = None,
+                   code: str | None = None, since: datetime | None = None,
+                   until: datetime | None = None, limit: int = 100) -> list[Record]:
+        found = [r for r in (row.freeze() for row in self._rows.values())
+                 if (status is None or r.status is status)
+                 and (channel is None or channel in (r.channel, r.pending_channel))
+                 and (code is None or r.code == code)
+                 and (since is None or r.created_at >= since)
+                 and (until is None or r.created_at < until)]
+        found.sort(key=lambda r: (r.created_at, r.key), reverse=True)
+        return found[:limit]

@@ -1398,6 +1398,25 @@ class PostgresJournal:
         rows = await self._submit(lambda conn: conn.fetch(sql, now, within_s))
         return [_record(row, ()) for row in rows]
 
+    async def find(self, *, status: RepaymentStatus | None = None, channel: str | None = None,
+                   code: str | None = None, since: datetime | None = None,
+                   until: datetime | None = None, limit: int = 100) -> list[Record]:
+        sql = self._sql
+        keys_sql = (f"SELECT key FROM {sql.repayments} WHERE ($1::text IS NULL OR status = $1)"
+                    " AND ($2::text IS NULL OR channel = $2 OR pending_channel = $2)"
+                    " AND ($3::text IS NULL OR code = $3)"
+                    " AND ($4::timestamptz IS NULL OR created_at >= $4)"
+                    " AND ($5::timestamptz IS NULL OR created_at < $5)"
+                    " ORDER BY created_at DESC, key DESC LIMIT $6")
+        args = (None if status is None else status.value, channel, code, since, until, limit)
+
+        async def op(conn: asyncpg.Connection) -> list[Record]:
+            keys = [row[0] for row in await conn.fetch(keys_sql, *args)]
+            records = await _load_many(conn, sql=sql, keys=keys) if keys else {}
+            return [records[k] for k in keys if k in records]
+
+        return await self._submit(op)
+
     async def purge_accounts(self, before: datetime) -> int:
         sql = (f"UPDATE {self.schema}.repayments AS r SET account = $2"
                " WHERE status <> 'pending' AND updated_at < $1 AND account <> $2"

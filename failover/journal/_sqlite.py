@@ -776,6 +776,24 @@ class SQLiteJournal(SingleOwner):
 
         return await self._submit(op)
 
+    async def find(self, *, status: RepaymentStatus | None = None, channel: str | None = None,
+                   code: str | None = None, since: datetime | None = None,
+                   until: datetime | None = None, limit: int = 100) -> list[Record]:
+        def op(conn: sqlite3.Connection) -> list[Record]:
+            keys = [row[0] for row in conn.execute(
+                "SELECT key FROM repayments WHERE (?1 IS NULL OR status = ?1)"
+                " AND (?2 IS NULL OR channel = ?2 OR pending_channel = ?2)"
+                " AND (?3 IS NULL OR code = ?3)"
+                " AND (?4 IS NULL OR julianday(created_at) >= julianday(?4))"
+                " AND (?5 IS NULL OR julianday(created_at) < julianday(?5))"
+                " ORDER BY julianday(created_at) DESC, key DESC LIMIT ?6",
+                (None if status is None else status.value, channel, code, _utc(since),
+                 _utc(until), limit))]
+            records = _load_many(conn, keys) if keys else {}
+            return [records[k] for k in keys if k in records]
+
+        return await self._submit(op)
+
     async def purge_accounts(self, before: datetime) -> int:
         def op(conn: sqlite3.Connection) -> int:
             cursor = conn.execute(
