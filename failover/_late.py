@@ -90,11 +90,13 @@ def winner(record: Record) -> tuple[str, str, int] | None:
     """(channel, reference, round) of the collection a ``SUCCEEDED`` ending rests on."""
     if record.status is not RepaymentStatus.SUCCEEDED or record.channel is None:
         return None
-    if record.corrections and record.corrections[-1].reference is not None:
-        last = record.corrections[-1]
+    last = record.corrections[-1].reference if record.corrections else None
+    if last is not None:
         for attempt in record.attempts:
-            if attempt.reference == last.reference:
+            if attempt.reference == last:
                 return attempt.channel, attempt.reference, attempt.round
+        # An operator's resolution names a collection no attempt made.
+        return record.channel, last, record.round
     for attempt in reversed(record.attempts):
         if attempt.channel == record.channel and attempt.round == record.round:
             return attempt.channel, attempt.reference, attempt.round

@@ -13,6 +13,7 @@
     failover migrate JOURNAL                      create or upgrade a journal's schema
     failover list --journal J [--status ...]      repayments by status, channel, code, date
     failover purge --journal J --before DATE      erase accounts of repayments ended before DATE
+    failover resolve KEY --journal J ...          settle a pending repayment by hand
     failover demo [--journal JOURNAL]             a simulated day, audited
     failover bench [SCENARIO ...]                 strategies compared on simulated scenarios
 
@@ -46,7 +47,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
-from failover._errors import ConfigError, FailoverError
+from failover._errors import ConfigError, FailoverError, TerminalStateError
 from failover.journal._postgres import mask_dsn
 
 OK, PROBLEM, BAD_INPUT = 0, 1, 2
@@ -652,6 +653,113 @@ def _list(args: argparse.Namespace) -> int:
     return OK
 
 
+# ---- resolve ----------------------------------------------------------------------------
+
+async def _channel_says(config_path: Path, record: Any, channel: str,
+                        reference: str) -> str:
+    """What ``channel``'s own status query says of ``reference`` (outcome value)."""
+    from failover._models import ChannelRequest
+    from failover._policy import invoke
+
+    config, adapters = _load_config(config_path)
+    if channel not in config.channels:
+        return "not_configured"
+    adapter = next(a for a in adapters if a.name == channel)
+    request = ChannelRequest(repayment_key=record.key, reference=reference,
+                             account=record.account, amount=record.amount,
+                             currency=record.currency, metadata=record.metadata)
+    query = adapter.query
+
+    async def ask(req: ChannelRequest) -> Any:
+        if asyncio.iscoroutinefunction(query):
+            return await query(req)
+        return await asyncio.to_thread(query, req)
+
+    answer = await invoke(ask, request, config.channels[channel].timeout_s,
+                          config.channels[channel].outcome_map)
+    return answer.outcome.value
+
+
+async def _resolve_data(target: _Target, args: argparse.Namespace) -> dict[str, Any]:
+    import getpass
+
+    from failover._flow import make_reference
+    from failover._models import Correction, RepaymentStatus
+
+    journal = _open_journal(target, read_only=False)
+    await journal.open()
+    try:
+        record = await journal.load(args.key)
+        if record is None:
+            raise _Abort(f"KEY: no repayment {args.key!r} in {target.label}")
+        if record.status is not RepaymentStatus.PENDING:
+            raise _Abort(f"{args.key}: it is {record.status.value}, not pending: only a"
+                         " pending repayment is resolved by hand (a late collection is"
+                         " corrected by the sweep)")
+        collected = args.collected_by is not None
+        reference = make_reference(record.key, record.round, args.collected_by) \
+            if collected else None
+        warnings: list[str] = []
+        if args.config is not None:
+            if record.account.startswith("fernet:"):
+                warnings.append("accounts are encrypted and FAILOVER_ACCOUNT_KEYS is not set:"
+                                " the channels were not asked")
+            elif collected:
+                assert reference is not None
+                said = await _channel_says(args.config, record, args.collected_by, reference)
+                if said != "succeeded":
+                    warnings.append(f"{args.collected_by}'s own query says {said} for"
+                                    f" {reference}, not succeeded")
+            else:
+                for attempt in record.round_attempts():
+                    if attempt.in_doubt:
+                        said = await _channel_says(args.config, record, attempt.channel,
+                                                   attempt.reference)
+                        if said == "succeeded":
+                            warnings.append(f"{attempt.channel}'s own query says succeeded"
+                                            f" for {attempt.reference}: it collected")
+        by = args.by or getpass.getuser()
+        correction = Correction(
+            at=datetime.now(UTC), reason="operator", old_status=record.status,
+            old_channel=record.pending_channel, old_channel_reference=None,
+            old_code=record.code,
+            new_status=RepaymentStatus.SUCCEEDED if collected else RepaymentStatus.FAILED,
+            new_channel=args.collected_by, new_channel_reference=args.channel_reference,
+            reference=reference, evidence=f"operator {by}: {args.note}")
+        resolved = await journal.resolve_by_hand(record.key, record.round, correction)
+    finally:
+        await journal.close()
+    return {"key": resolved.key, "status": resolved.status.value,
+            "channel": resolved.channel, "channel_reference": resolved.channel_reference,
+            "by": by, "note": args.note, "warnings": warnings}
+
+
+def _resolve(args: argparse.Namespace) -> int:
+    target = _journal_target(args)
+    if (args.collected_by is None) == (not args.not_collected):
+        raise _Abort("give --collected-by CHANNEL (with --channel-reference) or"
+                     " --not-collected")
+    if args.collected_by is not None and not args.channel_reference:
+        raise _Abort("--channel-reference: the channel's own reference of the collection"
+                     " is required with --collected-by")
+    try:
+        data = _run(target, lambda: _resolve_data(target, args))
+    except TerminalStateError as exc:
+        raise _Abort(str(exc)) from exc
+    for warning in data["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    payload = {**target.data(), **data}
+
+    def text() -> str:
+        how = (f"collected by {data['channel']} ({data['channel_reference']})"
+               if data["status"] == "succeeded" else "not collected")
+        return (f"{data['key']}: resolved by {data['by']} as {data['status']}, {how};"
+                " kept with its corrections")
+
+    _emit(args, payload, text)
+    return OK
+
+
 # ---- purge ------------------------------------------------------------------------------
 
 async def _purge_count(target: _Target, before: datetime) -> int:
@@ -870,6 +978,54 @@ def _stderr_console() -> Any:
     return Console(file=sys.stderr)
 
 
+# ---- gateway-sim ----------------------------------------------------------------------------
+
+def _gateway_sim(args: argparse.Namespace) -> int:
+    import sqlite3
+
+    from failover.gateway_sim import Faults, GatewaySim
+
+    try:
+        faults = Faults.parse(args.faults)
+    except ValueError as exc:
+        raise _Abort(f"--faults: {exc}") from exc
+    if not args.name.strip():
+        raise _Abort("--name must not be blank")
+    if not 0 <= args.port <= 65535:
+        raise _Abort(f"--port: {args.port} is not a port (0 picks a free one)")
+    if args.callback_url is not None and not args.callback_url.startswith(("http://",
+                                                                           "https://")):
+        raise _Abort(f"--callback-url: not an http(s) URL: {args.callback_url!r}")
+    ledger = args.ledger or Path(f"{args.name}-ledger.db")
+    try:
+        sim = GatewaySim(args.name, ledger, faults, args.seed, args.secret, args.callback_url)
+    except sqlite3.Error as exc:
+        raise _Abort(f"--ledger: cannot open {ledger}: {exc}") from exc
+
+    def ready(url: str) -> None:
+        # One line, flushed: a script or test starting the command reads the URL from it.
+        if args.json:
+            print(json.dumps({"url": url, "name": args.name, "ledger": str(ledger),
+                              "seed": args.seed, "faults": faults.to_spec(),
+                              "callback_url": args.callback_url}), flush=True)
+        else:
+            print(f"gateway {args.name!r} listening on {url} (ledger {ledger}, seed"
+                  f" {args.seed}, faults {faults.to_spec()}"
+                  f"{', callbacks to ' + args.callback_url if args.callback_url else ''});"
+                  " Ctrl-C stops it", flush=True)
+
+    try:
+        asyncio.run(sim.run(args.host, args.port, ready))
+    except KeyboardInterrupt:  # uvicorn shut down first, then passed Ctrl-C on
+        pass
+    except OSError as exc:  # the port is taken, or the host is not this machine's
+        raise _Abort(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"
+                     ) from exc
+    finally:
+        sim.close()
+    return OK
+
+
 # ---- wiring -------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -945,6 +1101,22 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--until", help="created before this ISO 8601 date or date-time")
     listing.add_argument("--limit", type=int, default=100, help="at most this many (100)")
 
+    resolve = command("resolve", _resolve, "settle a PENDING repayment by hand from an"
+                      " operator's evidence (a journaled, attributed correction)")
+    resolve.add_argument("key", metavar="KEY")
+    journal_options(resolve)
+    resolve.add_argument("--collected-by", metavar="CHANNEL", default=None,
+                         help="the channel that collected it")
+    resolve.add_argument("--channel-reference", default=None,
+                         help="that channel's own reference of the collection")
+    resolve.add_argument("--not-collected", action="store_true",
+                         help="no channel collected it: it ends FAILED")
+    resolve.add_argument("--note", required=True, help="the operator's evidence, kept with it")
+    resolve.add_argument("--by", default=None, help="who resolves it (default: the OS user)")
+    resolve.add_argument("--config", type=Path, default=None,
+                         help="the router config: the channels are asked first, and a"
+                              " disagreement is warned about")
+
     purge = command("purge", _purge, "erase the accounts of repayments that ended before a"
                     " date, keeping their audit trail")
     journal_options(purge)
@@ -976,6 +1148,23 @@ def build_parser() -> argparse.ArgumentParser:
     journal_options(demo, required=False,
                     help="an empty journal to keep: SQLite file or postgresql:// DSN"
                          " (default: a temporary SQLite file)")
+
+    sim = command("gateway-sim", _gateway_sim,
+                  "run a simulated payment gateway (HTTP, own ledger, seeded faults)")
+    sim.add_argument("--port", type=int, required=True, help="TCP port (0: a free one)")
+    sim.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
+    sim.add_argument("--name", default="gateway", help="the gateway's name (default gateway)")
+    sim.add_argument("--ledger", type=Path, default=None,
+                     help="its SQLite ledger (default NAME-ledger.db here)")
+    sim.add_argument("--faults", default="none",
+                     help="name=value,... e.g. latency_ms=20,error_5xx=0.05,"
+                          "reset_after_apply=0.05,late_apply=0.05,late_apply_s=30,"
+                          "decline=0.02,maintenance=10:00-10:30 (default none)")
+    sim.add_argument("--seed", type=int, default=0, help="fault seed (default 0)")
+    sim.add_argument("--secret", default=None,
+                     help="callback signing secret (default gateway-sim/SEED/NAME)")
+    sim.add_argument("--callback-url", default=None,
+                     help="POST signed payment callbacks here")
     return parser
 
 

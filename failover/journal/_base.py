@@ -344,6 +344,14 @@ class Journal(Protocol):
         was (by any instance, before any restart)."""
         ...
 
+    async def resolve_by_hand(self, key: str, round: int, correction: Correction) -> Record:
+        """End a ``PENDING`` repayment of ``round`` as an operator's evidence says
+        (``correction``: old ending PENDING, the new one, the operator's note), if no
+        instance holds it now; kept with its corrections, watched like any ending.
+        ``TerminalStateError`` if it is not pending; ``JournalError`` if an instance
+        holds it (try again once it is waiting on its channel)."""
+        ...
+
     async def find(self, *, status: RepaymentStatus | None = None, channel: str | None = None,
                    code: str | None = None, since: datetime | None = None,
                    until: datetime | None = None, limit: int = 100) -> list[Record]:

@@ -333,3 +333,18 @@ class MemoryJournal(SingleOwner):
                  and (until is None or r.created_at < until)]
         found.sort(key=lambda r: (r.created_at, r.key), reverse=True)
         return found[:limit]
+
+    async def resolve_by_hand(self, key: str, round: int, correction: Correction) -> Record:
+        row = self._pending(key, round)
+        row.status = correction.new_status
+        row.ending = {"channel": correction.new_channel,
+                      "channel_reference": correction.new_channel_reference,
+                      "code": None if correction.new_status is RepaymentStatus.SUCCEEDED
+                      else "resolved_by_operator",
+                      "pending_reason": None, "pending_channel": None}
+        row.corrections += (correction,)
+        row.touch(correction.at)
+        record = row.freeze()
+        if needs_watch(record):
+            row.watch = correction.at
+        return record

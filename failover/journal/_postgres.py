@@ -1398,6 +1398,48 @@ class PostgresJournal:
         rows = await self._submit(lambda conn: conn.fetch(sql, now, within_s))
         return [_record(row, ()) for row in rows]
 
+    async def resolve_by_hand(self, key: str, round: int, correction: Correction) -> Record:
+        schema, sql, c = self.schema, self._sql, correction
+        code = None if c.new_status is RepaymentStatus.SUCCEEDED else "resolved_by_operator"
+        kept = json.dumps([correction_json(c)])
+
+        async def apply(conn: asyncpg.Connection) -> Record:
+            # Not while an instance holds it: its drive could still call a channel.  The
+            # token moves on, so a write of a stale owner is refused after this one.
+            done = await conn.fetchval(
+                f"UPDATE {schema}.repayments SET status = $3, channel = $4,"
+                " channel_reference = $5, code = $6, pending_reason = NULL,"
+                " pending_channel = NULL, updated_at = $7, owner = NULL, lease_until = NULL,"
+                f" token = nextval('{schema}.tokens'),"
+                " corrections = COALESCE(corrections, '[]'::jsonb) || $8::jsonb"
+                " WHERE key = $1 AND round = $2 AND status = 'pending'"
+                " AND (lease_until IS NULL OR lease_until < now()) RETURNING 1",
+                key, round, c.new_status.value, c.new_channel, c.new_channel_reference, code,
+                c.at, kept)
+            if done is None:
+                row = await conn.fetchrow(
+                    f"SELECT status, owner, lease_until FROM {schema}.repayments"
+                    " WHERE key = $1", key)
+                if row is None:
+                    raise UnknownRepayment(key)
+                if row[0] != RepaymentStatus.PENDING.value:
+                    raise TerminalStateError(key, row[0])
+                raise JournalError(
+                    f"repayment {key!r} is held by instance {row[1]!r} until {row[2]}:"
+                    " it is being driven; resolve it once it waits on its channel")
+            await conn.execute(sql.watch, key, c.at)
+            record = await _load(conn, sql, key)
+            assert record is not None
+            return record
+
+        async def settle(conn: asyncpg.Connection) -> Record:
+            record = await _load(conn, sql, key)
+            if record is not None and c in record.corrections:
+                return record
+            return await apply(conn)
+
+        return await self._submit(apply, settle, route=key)
+
     async def find(self, *, status: RepaymentStatus | None = None, channel: str | None = None,
                    code: str | None = None, since: datetime | None = None,
                    until: datetime | None = None, limit: int = 100) -> list[Record]:

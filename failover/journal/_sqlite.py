@@ -776,6 +776,33 @@ class SQLiteJournal(SingleOwner):
 
         return await self._submit(op)
 
+    async def resolve_by_hand(self, key: str, round: int, correction: Correction) -> Record:
+        c = correction
+        code = None if c.new_status is RepaymentStatus.SUCCEEDED else "resolved_by_operator"
+
+        def op(conn: sqlite3.Connection) -> Record:
+            held = conn.execute("SELECT corrections FROM repayments WHERE key = ?",
+                                (key,)).fetchone()
+            if held is None:
+                raise UnknownRepayment(key)
+            kept = json.dumps([*json.loads(held[0] or "[]"), correction_json(c)])
+            row = conn.execute(
+                "UPDATE repayments SET status = ?, channel = ?, channel_reference = ?,"
+                " code = ?, pending_reason = NULL, pending_channel = NULL, corrections = ?,"
+                " updated_at = ? WHERE key = ? AND status = 'pending' AND round = ?"
+                f" RETURNING {_RECORD_COLUMNS}",
+                (c.new_status.value, c.new_channel, c.new_channel_reference, code, kept,
+                 _ts(c.at), key, round)).fetchone()
+            if row is None:
+                _refuse(conn, key)
+            record = _record(row, _attempts_of(conn, key))
+            if needs_watch(record):
+                conn.execute("UPDATE repayments SET watch_at = ? WHERE key = ?",
+                             (_utc(c.at), key))
+            return record
+
+        return await self._submit(op)
+
     async def find(self, *, status: RepaymentStatus | None = None, channel: str | None = None,
                    code: str | None = None, since: datetime | None = None,
                    until: datetime | None = None, limit: int = 100) -> list[Record]:
