@@ -3,15 +3,23 @@ order, and eligibility, on one path for the router, ``Router.explain`` and the C
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal
 
 from failover._channel import Channel, SyncRunner, check_channel, is_sync, runner_for
 from failover._clock import Clock
-from failover._eligibility import BREAKER_OPEN, Eligibility, priority_order, refusal
+from failover._eligibility import (
+    BREAKER_OPEN,
+    DISABLED,
+    Eligibility,
+    priority_order,
+    refusal,
+)
 from failover._errors import ConfigError
 from failover._flow import LanePlan
+from failover._models import Override
 from failover._policy import Breaker, Permit
 from failover.config import ChannelConfig, RouterConfig
 from failover.events import Hook
@@ -45,6 +53,41 @@ class Lane:
         )
 
 
+class Overrides:
+    """Operators' channel switches as last read from the journal (``Override``), shared
+    by every layout of a router: a reload keeps them, the journal changes them."""
+
+    def __init__(self) -> None:
+        self._by_channel: dict[str, Override] = {}
+
+    def replace(self, overrides: Sequence[Override]) -> None:
+        self._by_channel = {o.channel: o for o in overrides}
+
+    def set(self, override: Override) -> None:
+        self._by_channel[override.channel] = override
+
+    def active(self, channel: str, now: datetime) -> Override | None:
+        override = self._by_channel.get(channel)
+        return override if override is not None and override.active(now) else None
+
+    def __iter__(self) -> Iterator[Override]:
+        return iter(list(self._by_channel.values()))
+
+
+def _refusal(lane: Lane, overrides: Overrides, amount: Decimal, currency: str,
+             now: Callable[[], datetime]) -> tuple[str, str] | None:
+    """The configuration's refusal, as an operator's switch changes it."""
+    if overrides._by_channel:  # the usual case has none: no clock read, no copy
+        override = overrides.active(lane.name, now())
+        if override is not None:
+            if not override.enabled:
+                return DISABLED, (f"by {override.by} until {override.until.isoformat()}:"
+                                  f" {override.reason}")
+            config = lane.config.model_copy(update={"enabled": True})
+            return refusal(config, amount, currency, now)
+    return refusal(lane.config, amount, currency, now)
+
+
 @dataclass(slots=True)
 class Layout:
     """A configuration and its lanes in priority order: what ``reconfigure`` swaps.
@@ -56,11 +99,12 @@ class Layout:
     lanes: dict[str, Lane] = field(default_factory=dict)
     order: tuple[str, ...] = ()
     specs: dict[str, LanePlan] = field(default_factory=dict)
+    overrides: Overrides = field(default_factory=Overrides)
 
     def refusal(self, name: str, amount: Decimal, currency: str, clock: Clock) -> str | None:
         """Why channel ``name`` cannot take this money now (configuration or breaker)."""
         lane = self.lanes[name]
-        ruled_out = refusal(lane.config, amount, currency, clock.now)
+        ruled_out = _refusal(lane, self.overrides, amount, currency, clock.now)
         if ruled_out is not None:
             return f"{ruled_out[0]}: {ruled_out[1]}"
         if not lane.breaker.admits():
@@ -98,7 +142,7 @@ class Layout:
         verdicts = []
         for name in self.names_for(preference):
             lane = self.lanes[name]
-            ruled_out = refusal(lane.config, amount, currency, clock.now())
+            ruled_out = _refusal(lane, self.overrides, amount, currency, clock.now)
             if ruled_out is None and not lane.breaker.admits():
                 ruled_out = (BREAKER_OPEN, f"circuit breaker {lane.breaker.state}")
             reason, detail = ruled_out if ruled_out else (None, None)
@@ -116,6 +160,7 @@ class ChannelSet:
         self._channels = list(channels)
         self._clock = clock
         self._hooks = hooks
+        self.overrides = Overrides()
         self.layout = self._build(config, {})
 
     def _build(self, config: RouterConfig, breakers: Mapping[str, Breaker]) -> Layout:
@@ -133,7 +178,7 @@ class ChannelSet:
                 f"configuration names channels the router does not have: {', '.join(unknown)}"
                 f" (channels: {', '.join(names)})"
             )
-        layout = Layout(config)
+        layout = Layout(config, overrides=self.overrides)
         for channel in self._channels:
             channel_config = config.channel(channel.name)
             breaker = breakers.get(channel.name)

@@ -51,6 +51,7 @@ class Lifecycle:
         resume: Callable[[str], Awaitable[RepaymentResult]], concurrency: int,
         background: Background | None = None, emit: Callable[[Event], None] | None = None,
         late: Callable[[], Awaitable[None]] | None = None,
+        refresh: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._journal = journal
         self._clock = clock
@@ -68,6 +69,7 @@ class Lifecycle:
         self._emit = emit or (lambda event: None)
         self._late = late
         self._late_task: asyncio.Future[Any] | None = None
+        self._refresh = refresh
 
     def require_open(self) -> None:
         if not self.is_open:
@@ -125,6 +127,8 @@ class Lifecycle:
         delay = settings.sweep_every_s
         while self.is_open:
             try:
+                if self._refresh is not None:
+                    await self._refresh()  # operators' switches in, breaker states out
                 taken = await self._journal.take_expired(settings.sweep_batch)
                 if taken:
                     self._emit(RepaymentTakenOver(tuple(taken)))

@@ -391,3 +391,20 @@ class Callback:
 
     reference: str
     result: ChannelResult
+
+
+@dataclass(frozen=True, slots=True)
+class Override:
+    """An operator's switch of one channel, shared by every instance through the journal
+    and over by itself at ``until``: ``enabled=False`` takes the channel out (whatever
+    its config says), ``enabled=True`` puts a channel the config disables back in."""
+
+    channel: str
+    enabled: bool
+    until: datetime
+    reason: str
+    by: str
+    at: datetime
+
+    def active(self, now: datetime) -> bool:
+        return now < self.until

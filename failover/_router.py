@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -32,6 +33,7 @@ from failover._models import (
     ChannelResult,
     LateState,
     Outcome,
+    Override,
     Repayment,
     RepaymentResult,
     RepaymentStatus,
@@ -108,7 +110,7 @@ class Router:
             journal, self._clock, self._executor, self._registry, self._resume,
             recovery_concurrency,
             Background(sweep_every_s, reconcile_every_s) if background else None,
-            tell, self._late.sweep)
+            tell, self._late.sweep, self._refresh)
 
     @classmethod
     def from_config(
@@ -254,12 +256,45 @@ class Router:
         late = tuple(await self._journal.late_checks(key))
         return dataclasses.replace(record.result(), late=late)
 
+    async def override(self, channel: str, *, enabled: bool, for_s: float, reason: str,
+                       by: str = "service") -> Override:
+        """Switch ``channel`` off (``enabled=False``) or back on, for every instance on
+        this journal, for ``for_s`` seconds (it ends by itself).  Taken here at once;
+        other instances read it within their ``sweep_every_s``."""
+        self._life.require_open()
+        self._channels.check_preference([channel])
+        if for_s <= 0:
+            raise ValueError(f"for_s must be positive, got {for_s}")
+        now = self._clock.now()
+        switch = Override(channel, enabled, now + timedelta(seconds=for_s), reason, by, now)
+        await self._journal.set_override(switch)
+        self._channels.overrides.set(switch)
+        return switch
+
+    async def clear_override(self, channel: str) -> bool:
+        """End the switch of ``channel`` now, for every instance."""
+        self._life.require_open()
+        self._channels.check_preference([channel])
+        cleared = await self._journal.clear_override(channel)
+        self._channels.overrides.replace(await self._journal.overrides())
+        return cleared
+
+    async def _refresh(self) -> None:
+        """Read the operators' switches; note this instance's breaker states."""
+        self._channels.overrides.replace(await self._journal.overrides())
+        instance = str(getattr(self._journal, "instance", "local"))
+        await self._journal.report_breakers(
+            instance, {name: lane.breaker.state
+                       for name, lane in self._channels.layout.lanes.items()},
+            self._clock.now())
+
     async def sweep(self) -> None:
         """Do the late-collection work that is due now, once: watch repayments that
         ended with attempts that may still collect, re-query those due (``config.late``),
         correct and refund what turned up, and emit ``at_risk`` reminders
         (``config.reminders``).  The background loop calls it every ``sweep_every_s``."""
         self._life.require_open()
+        await self._refresh()
         await self._late.sweep()
 
     async def notify(self, channel: str, reference: str, result: ChannelResult

@@ -188,9 +188,132 @@ def _amount(amount: str, currency: str) -> tuple[Decimal, str]:
     return checked.amount, checked.currency
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> float:
+    """``90s``, ``30m``, ``2h``, ``1d`` (or plain seconds) as seconds."""
+    unit = text[-1:].lower()
+    number = text[:-1] if unit in _UNITS else text
+    try:
+        seconds = float(number) * _UNITS.get(unit, 1)
+    except ValueError:
+        raise _Abort(f"--for: not a duration such as 90s, 30m, 2h or 1d: {text!r}") from None
+    if seconds <= 0:
+        raise _Abort(f"--for: must be positive, got {text!r}")
+    return seconds
+
+
+async def _switch(target: _Target, args: argparse.Namespace) -> dict[str, Any]:
+    import getpass
+
+    from failover._models import Override
+    from failover.journal._sqlite import write_override
+
+    name = args.disable or args.enable or args.clear
+    if args.config is not None:
+        config, _ = _load_config(args.config)
+        if name not in config.channels:
+            raise _Abort(f"{name!r} is not a channel of {args.config}"
+                         f" (channels: {', '.join(config.channels)})")
+    now = datetime.now(UTC)
+    switch = None
+    if args.clear is None:
+        if args.for_ is None or not args.reason:
+            raise _Abort("--for and --reason are required with --disable or --enable")
+        from datetime import timedelta
+
+        switch = Override(name, args.enable is not None,
+                          now + timedelta(seconds=_duration(args.for_)), args.reason,
+                          args.by or getpass.getuser(), now)
+    if not target.is_dsn:  # beside the running service: a one-row write of its own
+        done = write_override(target.path, switch, name)
+    else:
+        journal = _open_journal(target, read_only=False)
+        await journal.open()
+        try:
+            if switch is None:
+                done = await journal.clear_override(name)
+            else:
+                await journal.set_override(switch)
+                done = True
+        finally:
+            await journal.close()
+    return {"channel": name, "done": done,
+            "override": None if switch is None else _override_data(switch, now)}
+
+
+def _override_data(o: Any, now: datetime) -> dict[str, Any]:
+    return {"channel": o.channel, "enabled": o.enabled, "until": o.until.isoformat(),
+            "active": o.active(now), "reason": o.reason, "by": o.by, "at": o.at.isoformat()}
+
+
+async def _switches(target: _Target) -> dict[str, Any]:
+    journal = _open_journal(target)
+    await journal.open()
+    try:
+        overrides = await journal.overrides()
+        reports = await journal.breaker_reports()
+    finally:
+        await journal.close()
+    now = datetime.now(UTC)
+    return {"overrides": [_override_data(o, now) for o in overrides],
+            "breakers": [{"instance": i, "channel": c, "state": st, "at": at.isoformat()}
+                         for i, c, st, at in reports]}
+
+
+def _channels_of_journal(args: argparse.Namespace) -> int:
+    target = _journal_target(args)
+    chosen = [a for a in (args.disable, args.enable, args.clear) if a is not None]
+    if len(chosen) > 1:
+        raise _Abort("give one of --disable, --enable or --clear")
+    if chosen:
+        data = _run(target, lambda: _switch(target, args))
+
+        def said() -> str:
+            if args.clear is not None:
+                return (f"{data['channel']}: switch cleared" if data["done"]
+                        else f"{data['channel']}: no switch to clear")
+            o = data["override"]
+            return (f"{o['channel']}: {'enabled' if o['enabled'] else 'disabled'} for every"
+                    f" instance until {o['until']} ({o['reason']}, by {o['by']}); instances"
+                    " take it within their sweep interval")
+
+        _emit(args, {**target.data(), **data}, said)
+        return OK
+    data = _run(target, lambda: _switches(target))
+
+    def text() -> str:
+        lines = [f"{target.label}: operators' switches"]
+        if data["overrides"]:
+            lines.append(_table(["channel", "switch", "until", "active", "reason", "by"],
+                                [[o["channel"], "on" if o["enabled"] else "off",
+                                  o["until"][:19], "yes" if o["active"] else "expired",
+                                  o["reason"], o["by"]] for o in data["overrides"]]))
+        else:
+            lines.append("(none)")
+        lines += ["", "breakers, as each instance last noted them"]
+        if data["breakers"]:
+            lines.append(_table(["instance", "channel", "state", "at"],
+                                [[b["instance"], b["channel"], b["state"], b["at"][:19]]
+                                 for b in data["breakers"]]))
+        else:
+            lines.append("(no instance has noted its breakers: they do so from their"
+                         " background loop)")
+        return "\n".join(lines)
+
+    _emit(args, {**target.data(), **data}, text)
+    return OK
+
+
 def _channels(args: argparse.Namespace) -> int:
     from failover._eligibility import explain
 
+    if args.journal is not None:
+        return _channels_of_journal(args)
+    if args.config is None:
+        raise _Abort("give a config file (the order the router would use) or --journal"
+                     " (operators' switches and breakers)")
     config, channels = _load_config(args.config)
     at = _parse_at(args.at)
     if (args.amount is None) != (args.currency is None):
@@ -1046,14 +1169,27 @@ def build_parser() -> argparse.ArgumentParser:
     validate = command("validate", _validate, "check a config file; print the channel table")
     validate.add_argument("config", type=Path)
 
+    journal_help = "SQLite file, or postgresql://USER@HOST:PORT/DB"
+
     channels = command("channels", _channels,
-                       "the channel order the router would use, and why channels are skipped")
-    channels.add_argument("config", type=Path)
+                       "the channel order the router would use, and why channels are"
+                       " skipped; with --journal, operators' switches and breakers")
+    channels.add_argument("config", type=Path, nargs="?", default=None)
     channels.add_argument("--at", help="ISO 8601 date-time with offset (default: now)")
     channels.add_argument("--amount", help="repayment amount, to judge limits")
     channels.add_argument("--currency", help="ISO 4217 code, with --amount")
-
-    journal_help = "SQLite file, or postgresql://USER@HOST:PORT/DB"
+    channels.add_argument("--journal", default=None, help=journal_help)
+    channels.add_argument("--schema", default=None,
+                          help=f"PostgreSQL schema of the journal (default {DEFAULT_SCHEMA})")
+    channels.add_argument("--disable", metavar="NAME", help="switch a channel off, for"
+                          " every instance on the journal")
+    channels.add_argument("--enable", metavar="NAME", help="switch a channel on (even one"
+                          " the config disables)")
+    channels.add_argument("--clear", metavar="NAME", help="end a channel's switch now")
+    channels.add_argument("--for", dest="for_", metavar="DURATION",
+                          help="how long the switch holds: 90s, 30m, 2h, 1d")
+    channels.add_argument("--reason", help="why (kept with the switch)")
+    channels.add_argument("--by", default=None, help="who (default: the OS user)")
 
     def journal_options(sub: argparse.ArgumentParser, required: bool = True,
                         help: str = journal_help) -> None:

@@ -760,3 +760,33 @@ async def test_a_reminder_is_noted_once(journal, clock):
     assert await journal.remind_once(KEY, 3600.0, clock.now())
     assert not await journal.remind_once(KEY, 3600.0, clock.now())
     assert await journal.remind_once(KEY, 7200.0, clock.now())
+
+
+# ---- operators' switches and breaker reports (schema 3) -----------------------------
+
+async def test_a_switch_is_kept_replaced_and_cleared(journal, clock):
+    first = switch(clock)
+    await journal.set_override(first)
+    second = switch(clock, hours=4)
+    await journal.set_override(second)
+
+    assert [second] == await journal.overrides()
+    assert await journal.clear_override("card")
+    assert not await journal.clear_override("card")
+    assert [] == await journal.overrides()
+
+
+async def test_breaker_reports_are_the_last_per_instance_and_channel(journal, clock):
+    await journal.report_breakers("a", {"card": "closed", "wallet": "open"}, clock.now())
+    clock.advance(5)
+    await journal.report_breakers("a", {"card": "open"}, clock.now())
+
+    assert [("a", "card", "open", clock.now()),
+            ("a", "wallet", "open", clock.now() - timedelta(seconds=5))] \
+        == await journal.breaker_reports()
+
+
+def switch(clock: FakeClock, channel: str = "card", enabled: bool = False,
+           hours: float = 2) -> failover.Override:
+    return failover.Override(channel, enabled, clock.now() + timedelta(hours=hours),
+                             "bank maintenance", "ops-ana", clock.now())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -26,6 +26,7 @@ from failover._models import (
     LateCheck,
     LateState,
     Outcome,
+    Override,
     PendingReason,
     RefundState,
     Repayment,
@@ -350,6 +351,28 @@ class Journal(Protocol):
         instance holds it now; kept with its corrections, watched like any ending.
         ``TerminalStateError`` if it is not pending; ``JournalError`` if an instance
         holds it (try again once it is waiting on its channel)."""
+        ...
+
+    async def set_override(self, override: Override) -> None:
+        """Switch ``override.channel`` for every instance until ``override.until``
+        (replacing any switch of it)."""
+        ...
+
+    async def clear_override(self, channel: str) -> bool:
+        """End the switch of ``channel`` now; ``False`` if there was none."""
+        ...
+
+    async def overrides(self) -> list[Override]:
+        """Every switch held, expired ones included (``Override.active`` says)."""
+        ...
+
+    async def report_breakers(self, instance: str, states: Mapping[str, str],
+                              now: datetime) -> None:
+        """Note this instance's breaker state per channel (for ``failover channels``)."""
+        ...
+
+    async def breaker_reports(self) -> list[tuple[str, str, str, datetime]]:
+        """(instance, channel, state, when) as the instances last noted them."""
         ...
 
     async def find(self, *, status: RepaymentStatus | None = None, channel: str | None = None,

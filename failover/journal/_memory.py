@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -15,6 +15,7 @@ from failover._models import (
     LateCheck,
     LateState,
     Outcome,
+    Override,
     PendingReason,
     RefundState,
     Repayment,
@@ -76,6 +77,8 @@ class MemoryJournal(SingleOwner):
         self._rows: dict[str, _Row] = {}
         self._late: dict[tuple[str, str], LateCheck] = {}
         self._reminded: set[tuple[str, float]] = set()
+        self._overrides: dict[str, Override] = {}
+        self._breakers: dict[tuple[str, str], tuple[str, datetime]] = {}
 
     async def open(self) -> None:
         return None
@@ -348,3 +351,20 @@ class MemoryJournal(SingleOwner):
         if needs_watch(record):
             row.watch = correction.at
         return record
+
+    async def set_override(self, override: Override) -> None:
+        self._overrides[override.channel] = override
+
+    async def clear_override(self, channel: str) -> bool:
+        return self._overrides.pop(channel, None) is not None
+
+    async def overrides(self) -> list[Override]:
+        return sorted(self._overrides.values(), key=lambda o: o.channel)
+
+    async def report_breakers(self, instance: str, states: Mapping[str, str],
+                              now: datetime) -> None:
+        for channel, state in states.items():
+            self._breakers[(instance, channel)] = (state, now)
+
+    async def breaker_reports(self) -> list[tuple[str, str, str, datetime]]:
+        return sorted((i, c, s, at) for (i, c), (s, at) in self._breakers.items())

@@ -45,7 +45,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -65,6 +65,7 @@ from failover._models import (
     LateCheck,
     LateState,
     Outcome,
+    Override,
     PendingReason,
     RefundState,
     Repayment,
@@ -92,7 +93,7 @@ from failover.journal._base import (
 if TYPE_CHECKING:
     import asyncpg
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _MAX_BATCH = 256
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,47}$")
 T = TypeVar("T")
@@ -223,6 +224,25 @@ UPDATE {s}.repayments AS r SET watch_at = r.updated_at WHERE r.status <> 'pendin
         OR (x.resolution IS NULL AND (x.outcome IS NULL OR x.outcome IN ('unknown', 'not_found')))
         OR ('succeeded' IN (x.outcome, x.resolution) AND NOT (r.status = 'succeeded'
             AND x.channel IS NOT DISTINCT FROM r.channel AND x.round = r.round))));
+"""),
+    # Operators' channel switches, shared by every instance, and each instance's
+    # breaker states (for failover channels).
+    (3, """
+CREATE TABLE {s}.channel_overrides (
+    channel TEXT PRIMARY KEY,
+    enabled BOOLEAN NOT NULL,
+    until TIMESTAMPTZ NOT NULL,
+    reason TEXT NOT NULL,
+    by TEXT NOT NULL,
+    at TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE {s}.instance_breakers (
+    instance TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    state TEXT NOT NULL,
+    at TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (instance, channel)
+);
 """),
 ]
 
@@ -1439,6 +1459,40 @@ class PostgresJournal:
             return await apply(conn)
 
         return await self._submit(apply, settle, route=key)
+
+    async def set_override(self, override: Override) -> None:
+        sql = (f"INSERT INTO {self.schema}.channel_overrides (channel, enabled, until, reason,"
+               " by, at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (channel) DO UPDATE SET"
+               " enabled = excluded.enabled, until = excluded.until, reason = excluded.reason,"
+               " by = excluded.by, at = excluded.at")
+        o = override
+        await self._submit(lambda conn: conn.execute(sql, o.channel, o.enabled, o.until,
+                                                     o.reason, o.by, o.at))
+
+    async def clear_override(self, channel: str) -> bool:
+        sql = f"DELETE FROM {self.schema}.channel_overrides WHERE channel = $1 RETURNING 1"
+        return await self._submit(lambda conn: conn.fetchval(sql, channel)) is not None
+
+    async def overrides(self) -> list[Override]:
+        sql = (f"SELECT channel, enabled, until, reason, by, at FROM"
+               f" {self.schema}.channel_overrides ORDER BY channel")
+        rows = await self._submit(lambda conn: conn.fetch(sql))
+        return [Override(*row) for row in rows]
+
+    async def report_breakers(self, instance: str, states: Mapping[str, str],
+                              now: datetime) -> None:
+        sql = (f"INSERT INTO {self.schema}.instance_breakers (instance, channel, state, at)"
+               " SELECT $1, c, s, $4 FROM unnest($2::text[], $3::text[]) AS t(c, s)"
+               " ON CONFLICT (instance, channel) DO UPDATE SET state = excluded.state,"
+               " at = excluded.at")
+        channels, values = list(states), list(states.values())
+        await self._submit(lambda conn: conn.execute(sql, instance, channels, values, now))
+
+    async def breaker_reports(self) -> list[tuple[str, str, str, datetime]]:
+        sql = (f"SELECT instance, channel, state, at FROM {self.schema}.instance_breakers"
+               " ORDER BY instance, channel")
+        rows = await self._submit(lambda conn: conn.fetch(sql))
+        return [(row[0], row[1], row[2], row[3]) for row in rows]
 
     async def find(self, *, status: RepaymentStatus | None = None, channel: str | None = None,
                    code: str | None = None, since: datetime | None = None,

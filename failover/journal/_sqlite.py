@@ -20,7 +20,7 @@ import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -41,6 +41,7 @@ from failover._models import (
     LateCheck,
     LateState,
     Outcome,
+    Override,
     PendingReason,
     RefundState,
     Repayment,
@@ -66,7 +67,7 @@ from failover.journal._base import (
     skips_json,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _MAX_BATCH = 1024
 T = TypeVar("T")
 
@@ -169,7 +170,61 @@ UPDATE repayments SET watch_at = updated_at WHERE status <> 'pending' AND EXISTS
                      AND x.round = repayments.round))));
 """
 
-_MIGRATIONS = ((1, _SCHEMA), (2, _SCHEMA_2))
+# Version 3: operators' channel switches and the instances' breaker states.
+_SCHEMA_3 = """
+CREATE TABLE channel_overrides (
+    channel TEXT PRIMARY KEY,
+    enabled INTEGER NOT NULL,
+    until TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    by TEXT NOT NULL,
+    at TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE instance_breakers (
+    instance TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    state TEXT NOT NULL,
+    at TEXT NOT NULL,
+    PRIMARY KEY (instance, channel)
+) WITHOUT ROWID;
+"""
+
+_MIGRATIONS = ((1, _SCHEMA), (2, _SCHEMA_2), (3, _SCHEMA_3))
+
+
+def write_override(path: str | Path, override: Override | None, channel: str,
+                   busy_timeout_s: float = 30.0) -> bool:
+    """Set (or, with ``override`` None, clear) a channel switch in the journal file at
+    ``path`` beside the process that owns it: a one-row write in its own transaction,
+    which touches no repayment (so it needs not the owner's lock).  ``False`` if a clear
+    found nothing.  ``JournalError`` if the file is not a journal of this version."""
+    if not os.path.exists(path):
+        raise JournalError(f"cannot open journal {str(path)!r}: no such file")
+    try:
+        conn = sqlite3.connect(str(path), isolation_level=None, timeout=busy_timeout_s)
+    except sqlite3.Error as exc:
+        raise JournalError(f"cannot open journal {str(path)!r}: {exc}") from exc
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version != SCHEMA_VERSION:
+            raise JournalError(f"journal {str(path)!r} has schema version {version}, not"
+                               f" {SCHEMA_VERSION}: open it in the service (or 'failover"
+                               " migrate') first")
+        if override is None:
+            return conn.execute("DELETE FROM channel_overrides WHERE channel = ?",
+                                (channel,)).rowcount == 1
+        conn.execute(
+            "INSERT INTO channel_overrides (channel, enabled, until, reason, by, at)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (channel) DO UPDATE SET"
+            " enabled = excluded.enabled, until = excluded.until, reason = excluded.reason,"
+            " by = excluded.by, at = excluded.at",
+            (override.channel, int(override.enabled), _utc(override.until), override.reason,
+             override.by, _utc(override.at)))
+        return True
+    except sqlite3.Error as exc:
+        raise JournalError(f"journal {str(path)!r}: {exc}") from exc
+    finally:
+        conn.close()
 
 
 def _statements(script: str) -> list[str]:
@@ -800,6 +855,41 @@ class SQLiteJournal(SingleOwner):
                 conn.execute("UPDATE repayments SET watch_at = ? WHERE key = ?",
                              (_utc(c.at), key))
             return record
+
+        return await self._submit(op)
+
+    async def set_override(self, override: Override) -> None:
+        await asyncio.to_thread(write_override, self.path, override, override.channel)
+
+    async def clear_override(self, channel: str) -> bool:
+        return await asyncio.to_thread(write_override, self.path, None, channel)
+
+    async def overrides(self) -> list[Override]:
+        def op(conn: sqlite3.Connection) -> list[Override]:
+            return [Override(r[0], bool(r[1]), datetime.fromisoformat(r[2]), r[3], r[4],
+                             datetime.fromisoformat(r[5]))
+                    for r in conn.execute("SELECT channel, enabled, until, reason, by, at"
+                                          " FROM channel_overrides ORDER BY channel")]
+
+        return await self._submit(op)
+
+    async def report_breakers(self, instance: str, states: Mapping[str, str],
+                              now: datetime) -> None:
+        rows = [(instance, channel, state, _utc(now)) for channel, state in states.items()]
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT INTO instance_breakers (instance, channel, state, at) VALUES"
+                " (?, ?, ?, ?) ON CONFLICT (instance, channel) DO UPDATE SET"
+                " state = excluded.state, at = excluded.at", rows)
+
+        await self._submit(op)
+
+    async def breaker_reports(self) -> list[tuple[str, str, str, datetime]]:
+        def op(conn: sqlite3.Connection) -> list[tuple[str, str, str, datetime]]:
+            return [(r[0], r[1], r[2], datetime.fromisoformat(r[3])) for r in conn.execute(
+                "SELECT instance, channel, state, at FROM instance_breakers"
+                " ORDER BY instance, channel")]
 
         return await self._submit(op)
 
