@@ -10,12 +10,19 @@ Serve it (several workers need PostgreSQL; an SQLite journal serves one process)
     GET  /repayments/{key}  -> the result, or 404
     POST /webhooks/{channel}  a provider's signed callback -> {"channel", "status"}
     GET  /healthz
+    GET  /metrics           Prometheus text format (failover.metrics)
 
 Each worker's router runs the background loop (on SQLite too): it reconciles repayments
 waiting on a channel, finds and refunds late collections, and sends the at-risk
 reminders of the config's ``[reminders]``.  ``Reminders`` turns those, and failed
 repayments, into SMS texts for the borrower ("auto-debit failed, pay with your bank card
 before 18:00"); the SMS gateway here is a stub that logs them (``SmsOutbox``).
+
+``GET /metrics`` serves the worker's ``PrometheusHook`` (what its router did: attempts,
+failovers, breakers, endings, refunds) with a ``JournalCollector`` read at each scrape
+(what the journal holds: pending repayments, the manual-refund list).  Under several
+workers a scrape reaches one of them: scrape each instance on its own (one worker per
+container) for the event counters; the journal's figures are the same from any worker.
 
 Settings come from the environment, read when a worker starts:
 
@@ -57,10 +64,12 @@ import pydantic
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import failover
 from failover.events import Event, RepaymentAtRisk, RepaymentFailed, StructlogHook
+from failover.metrics import JournalCollector, PrometheusHook
 
 HERE = Path(__file__).resolve().parent
 _log = logging.getLogger("repayments")
@@ -288,11 +297,16 @@ def create_app(settings: Settings | None = None, *,
         app.state.sms = sms or SmsOutbox()
         reminders = Reminders(app.state.sms, journal.load, zone=ZoneInfo(chosen.timezone))
         app.state.reminders = reminders
+        metrics = PrometheusHook()  # its own registry: one per router
+        app.state.metrics = metrics
+        app.state.journal_metrics = JournalCollector(journal, registry=metrics.registry)
         # One router per process: a router, its journal connections and its channels
         # belong to the event loop they were opened on.  The background loop (on by
         # default only for PostgreSQL) reconciles, finds late collections and reminds.
         router = failover.Router.from_config(
-            chosen.config, journal=journal, hooks=[event_log(), reminders], background=True)
+            chosen.config, journal=journal, hooks=[event_log(), reminders, metrics],
+            background=True)
+        metrics.add_channels(router.channel_names)
         await router.open()  # recovers what a stopped worker left (its leases expire)
         app.state.router = router
         try:
@@ -386,6 +400,19 @@ def create_app(settings: Settings | None = None, *,
             return unavailable("not_ready", "the router is not open")
         return JSONResponse({"status": "ok", "channels": list(router.channel_names)},
                             headers=worker_header())
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        # The journal is read here, awaited, and the scrape itself only reads what was
+        # read: generate_latest is synchronous and must not wait on a database.
+        try:
+            await request.app.state.journal_metrics.refresh()
+        except failover.JournalError as exc:
+            # Serve the event counters anyway; the journal's figures stay as last read
+            # (failover_journal_snapshot_timestamp_seconds says when).
+            _log.warning("metrics: journal not read: %s", exc)
+        return Response(generate_latest(request.app.state.metrics.registry),
+                        media_type=CONTENT_TYPE_LATEST, headers=worker_header())
 
     return app
 

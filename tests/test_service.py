@@ -21,6 +21,8 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.parser import text_string_to_metric_families
 
 import failover
 from failover.events import RepaymentAtRisk
@@ -203,6 +205,60 @@ async def test_journal_error_is_503(client: httpx.AsyncClient, app: Any,
     assert (503, "journal_unavailable") == (answer.status_code, answer.json()["error"])
     assert "retry-after" in answer.headers
     assert "svc@db" not in answer.text
+
+
+def parsed(text: str) -> dict[str, dict[tuple[str, ...], float]]:
+    """Prometheus text parsed back: sample name -> {label values, by label name: value}."""
+    samples: dict[str, dict[tuple[str, ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = tuple(value for _, value in sorted(sample.labels.items()))
+            samples.setdefault(sample.name, {})[labels] = sample.value
+    return samples
+
+
+async def test_metrics_serves_the_prometheus_text_format(client: httpx.AsyncClient):
+    """GET /metrics answers the text format: the repayment made counted, every breaker
+    closed, the journal read at the scrape; neither key nor account in it."""
+    await client.post("/repayments", json=body())
+
+    answer = await client.get("/metrics")
+
+    assert (200, CONTENT_TYPE_LATEST) == (answer.status_code, answer.headers["content-type"])
+    metrics = parsed(answer.text)
+    assert {("auto_debit", "succeeded"): 1} == metrics["failover_attempts_total"]
+    assert {("succeeded",): 1} == metrics["failover_repayments_total"]
+    assert {("auto_debit",): 0, ("bank_card",): 0, ("wallet",): 0} \
+        == metrics["failover_breaker_state"]
+    assert {("failed",): 0, ("pending",): 0, ("succeeded",): 1} \
+        == metrics["failover_journal_repayments"]
+    assert {("awaiting_channel",): 0, ("in_flight",): 0} \
+        == metrics["failover_repayments_pending"]
+    assert {(): 0} == metrics["failover_manual_refunds"]
+    assert metrics["failover_journal_batches_total"][()] > 0  # an SQLite journal's
+    assert "loan-42" not in answer.text
+    assert ACCOUNT not in answer.text
+
+
+async def test_metrics_answers_when_the_journal_cannot_be_read(
+        client: httpx.AsyncClient, app: Any, monkeypatch: pytest.MonkeyPatch):
+    """A journal that cannot be read at the scrape still gets a 200 with the event
+    counters; the journal's figures are the ones read last."""
+    await client.post("/repayments", json=body())
+    await client.get("/metrics")
+
+    async def down() -> None:
+        raise failover.JournalError("cannot connect to journal postgresql://svc@db/x")
+
+    monkeypatch.setattr(app.state.journal_metrics, "refresh", down)
+    await client.post("/repayments", json=body(key="loan-42/instalment-8"))
+
+    answer = await client.get("/metrics")
+
+    assert 200 == answer.status_code
+    metrics = parsed(answer.text)
+    assert {("succeeded",): 2} == metrics["failover_repayments_total"]
+    assert 1 == metrics["failover_journal_repayments"][("succeeded",)]
 
 
 # ---- provider webhooks ----------------------------------------------------------------
