@@ -35,6 +35,8 @@ Settings come from the environment, read when a worker starts:
     FAILOVER_GRACE_S  seconds calls in the air get to answer on shutdown (default 10)
     FAILOVER_TIMEZONE the borrowers' time zone, for times in their texts
                       (default Asia/Shanghai)
+    FAILOVER_ACCOUNT_KEYS  Fernet keys (comma-separated, the first encrypts): accounts
+                      are then stored encrypted (failover[crypto]; see the README)
 
 They share the ``FAILOVER_`` prefix with the config file's overrides
 (``FAILOVER_CHANNELS__WALLET__ENABLED=false``), which ignore these names.
@@ -68,6 +70,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import failover
+from failover.codec import KEYS_VARIABLE, FernetCodec
 from failover.events import Event, RepaymentAtRisk, RepaymentFailed, StructlogHook
 from failover.metrics import JournalCollector, PrometheusHook
 
@@ -101,8 +104,11 @@ class Settings:
         )
 
     def open_journal(self) -> failover.Journal:
-        # open_journal ignores schema and migrate for an SQLite file.
-        return failover.open_journal(self.journal, migrate=self.migrate, schema=self.schema)
+        # open_journal ignores schema and migrate for an SQLite file.  Accounts are
+        # encrypted at rest when FAILOVER_ACCOUNT_KEYS holds Fernet keys.
+        codec = FernetCodec.from_env() if os.environ.get(KEYS_VARIABLE) else None
+        return failover.open_journal(self.journal, migrate=self.migrate, schema=self.schema,
+                                     codec=codec)
 
 
 def event_log() -> StructlogHook:

@@ -492,6 +492,8 @@ class _EnvShape(BaseSettings):
     deadline_s: Any = None
     channels: dict[str, Any] = {}
     retry_budget: dict[str, Any] = {}
+    late: dict[str, Any] = {}
+    reminders: dict[str, Any] = {}
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
