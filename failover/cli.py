@@ -14,6 +14,7 @@
     failover list --journal J [--status ...]      repayments by status, channel, code, date
     failover purge --journal J --before DATE      erase accounts of repayments ended before DATE
     failover resolve KEY --journal J ...          settle a pending repayment by hand
+    failover gateway-sim --port 8401 --faults ... a simulated payment gateway (HTTP)
     failover demo [--journal JOURNAL]             a simulated day, audited
     failover bench [SCENARIO ...]                 strategies compared on simulated scenarios
 
