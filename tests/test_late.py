@@ -405,7 +405,8 @@ async def test_an_older_sqlite_journal_is_upgraded_when_opened_for_writing(tmp_p
         assert (RepaymentStatus.SUCCEEDED, (), ()) == (old.status, old.skips, old.corrections)
     finally:
         await journal.close()
-    assert 2 == sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0]
+    assert _sqlite.SCHEMA_VERSION == sqlite3.connect(path).execute(
+        "PRAGMA user_version").fetchone()[0]
 
 
 # ---- reminders ------------------------------------------------------------------------

@@ -8,12 +8,14 @@ import types
 import typing
 
 import failover
+import failover.codec
 import failover.config
 import failover.events
 import failover.journal
 import failover.testing
 
-PUBLIC_MODULES = (failover, failover.config, failover.events, failover.journal, failover.testing)
+PUBLIC_MODULES = (failover, failover.codec, failover.config, failover.events, failover.journal,
+                  failover.testing)
 
 
 def public_names() -> set[object]:
