@@ -10,6 +10,7 @@ itself, backoff and deadline included, is the flow's.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ from failover._models import (
     RepaymentResult,
     RepaymentStatus,
     Skip,
+    _mask,
 )
 from failover._policy import Permit, RetryBudget, answer_of, breaker_failure, invoke
 from failover.events import (
@@ -70,7 +72,7 @@ from failover.events import (
     RetryBudgetExhausted,
     emit,
 )
-from failover.journal._base import Journal, Resolution
+from failover.journal._base import Journal, Resolution, require_account
 from failover.journal._base import Record as JournalRecord
 
 _log = logging.getLogger("failover")
@@ -123,10 +125,24 @@ class _Drive:
 
     def request(self, reference: str) -> ChannelRequest:
         record = self.record
+        require_account(record)
         return ChannelRequest(
             repayment_key=record.key, reference=reference, account=record.account,
             amount=record.amount, currency=record.currency, metadata=record.metadata,
         )
+
+
+def scrubbed(result: ChannelResult, account: str) -> ChannelResult:
+    """``result`` with the account masked wherever an adapter put it (an exception's
+    text, a provider's message): an answer is journaled, and the journal holds no
+    account number but the repayment's own field (encrypted with a codec)."""
+    if len(account) < 4 or not any(account in (text or "") for text in
+                                   (result.detail, result.code)):
+        return result
+    masked = _mask(account)
+    return dataclasses.replace(
+        result, detail=None if result.detail is None else result.detail.replace(account, masked),
+        code=None if result.code is None else result.code.replace(account, masked))
 
 
 class Executor:
@@ -550,7 +566,8 @@ class Executor:
 
     async def _on_record(self, action: Record, drive: _Drive) -> Answer:
         record = drive.record
-        await self._journal.finish_attempt(record.key, action.number, action.result,
+        await self._journal.finish_attempt(record.key, action.number,
+                                           scrubbed(action.result, record.account),
                                            self._clock.now())
         thread = drive.running.pop(action.number, None)
         if thread is not None:
@@ -558,19 +575,21 @@ class Executor:
             lane = drive.layout.lanes[action.channel]
             reference = make_reference(record.key, record.round, action.channel)
             self._outliving[record.key] = self._outliving.get(record.key, 0) + 1
+            account = record.account
             thread.add_done_callback(
-                lambda done: self._late(record.key, action.number, reference, lane, done))
+                lambda done: self._late(record.key, action.number, reference, lane, done,
+                                        account))
         return Answer(self._clock.monotonic())
 
     def _late(self, key: str, number: int, reference: str, lane: Lane,
-              thread: asyncio.Future[Any]) -> None:
+              thread: asyncio.Future[Any], account: str) -> None:
         """A plain-``def`` submit answered after its timeout: journal its answer."""
         left = self._outliving.pop(key, 1) - 1
         if left:
             self._outliving[key] = left
         error = thread.exception()
-        result = answer_of(thread.result() if error is None else None, error=error,
-                           codes=lane.config.outcome_map)
+        result = scrubbed(answer_of(thread.result() if error is None else None, error=error,
+                                    codes=lane.config.outcome_map), account)
 
         if self.closed:
             return  # closed: the attempt is left in doubt for the next open, as a crash leaves it
@@ -638,10 +657,16 @@ class Executor:
         if action.resolution is not None:
             reference, answer = action.resolution
             resolution = Resolution(reference, answer.outcome, answer.channel_reference)
+        attempt = action.attempt
+        if attempt is not None:
+            attempt = (attempt[0], scrubbed(attempt[1], record.account))
+        code = action.code
+        if code is not None and record.account in code:
+            code = code.replace(record.account, _mask(record.account))
         final = await self._journal.finish(
             record.key, record.round, action.status, action.channel,
-            action.channel_reference, action.code, self._clock.now(),
-            attempt=action.attempt, resolution=resolution, skips=drive.skips,
+            action.channel_reference, code, self._clock.now(),
+            attempt=attempt, resolution=resolution, skips=drive.skips,
         )
         if self._hooks:
             if resolution is not None:

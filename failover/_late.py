@@ -52,7 +52,7 @@ from failover.events import (
     RepaymentAtRisk,
     RepaymentCorrected,
 )
-from failover.journal._base import Journal, Record, may_collect_late
+from failover.journal._base import Journal, Record, may_collect_late, require_account
 
 _log = logging.getLogger("failover")
 
@@ -140,7 +140,11 @@ def plan(record: Record, checks: Sequence[LateCheck], now: datetime,
          ) -> Settlement:
     """Decide, from the journal alone, which collection is kept and what is refunded."""
     won = winner(record)
-    found = [c for c in checks if c.state is LateState.COLLECTED]
+    # A collection the channel reports under the ending's own channel reference is the
+    # ending's money (an operator's resolution names it so), never a second one.
+    found = [c for c in checks if c.state is LateState.COLLECTED and not (
+        won is not None and c.channel == record.channel and c.channel_reference is not None
+        and c.channel_reference == record.channel_reference)]
     # (round, 0 for the ending's own, when found, reference): a total, stable order.
     candidates: list[tuple[tuple[Any, ...], str]] = [
         ((c.round, 1, c.found_at or now, c.reference), c.reference) for c in found
@@ -170,6 +174,7 @@ def plan(record: Record, checks: Sequence[LateCheck], now: datetime,
 
 
 def request_for(record: Record, reference: str) -> ChannelRequest:
+    require_account(record)
     return ChannelRequest(repayment_key=record.key, reference=reference,
                           account=record.account, amount=record.amount,
                           currency=record.currency, metadata=record.metadata)

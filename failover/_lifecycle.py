@@ -102,6 +102,8 @@ class Lifecycle:
         try:
             await self._journal.open()
             keys = await self._journal.pending_keys()
+            if self._refresh is not None:
+                await self._refresh()  # operators' switches hold from the first repayment
         except BaseException:
             _OWNERS.pop(id(self._journal), None)
             await asyncio.shield(self._journal.close())
@@ -163,6 +165,10 @@ class Lifecycle:
                 self._emit(JournalRecovered(clock.monotonic() - down_since))
                 down_since = None
             await clock.sleep(settings.sweep_every_s)
+
+    def spawn(self, work: Awaitable[Any]) -> asyncio.Future[Any]:
+        """Run ``work`` beside the router's calls; ``close()`` waits for it."""
+        return self._spawn(work)
 
     def _spawn(self, work: Awaitable[Any]) -> asyncio.Future[Any]:
         task = asyncio.ensure_future(work)

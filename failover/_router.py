@@ -4,6 +4,7 @@ the journal together.  It holds no payment logic (that is ``_flow.py``)."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -45,6 +46,8 @@ from failover.events import Hook, emit
 from failover.journal._base import Journal
 
 __all__ = ["Router", "make_reference"]
+
+_log = logging.getLogger("failover")
 
 def _check_lease(journal: Journal, config: RouterConfig) -> None:
     """On a shared journal a call must end before its owner's lease can: every channel's
@@ -103,6 +106,8 @@ class Router:
                                   query_attempts=query_attempts, query_backoff_s=query_backoff_s,
                                   on_late_answer=lambda key: self._life.resume_later(key))
         self._recovery_concurrency = recovery_concurrency
+        self._sweep_every_s = sweep_every_s
+        self._switches_read = -float("inf")
         tell = (lambda event: emit(hooks, event)) if hooks else (lambda event: None)
         self._late = LateWork(journal, self._clock, self._channels, tell,
                               lambda: late_settings(self.config))
@@ -206,6 +211,7 @@ class Router:
         self._life.require_open()
         if not isinstance(repayment, Repayment):
             raise TypeError(f"repay() takes a failover.Repayment, not {type(repayment).__name__}")
+        await self._switches_if_stale()
         preference = self._channels.check_preference(channels)
         existing = self._registry.get(repayment.key)
         if existing is not None:  # being driven: check it is the same money, then join
@@ -279,9 +285,23 @@ class Router:
         self._channels.overrides.replace(await self._journal.overrides())
         return cleared
 
+    async def _switches_if_stale(self) -> None:
+        """Read the operators' switches again if the last read is older than
+        ``sweep_every_s`` (without a background loop too): one small read for one call
+        in that time."""
+        now = self._clock.monotonic()
+        if now - self._switches_read < self._sweep_every_s:
+            return
+        self._switches_read = now
+        try:
+            self._channels.overrides.replace(await self._journal.overrides())
+        except JournalError:  # the loop or a later call reads them again
+            _log.warning("could not read the operators' channel switches", exc_info=True)
+
     async def _refresh(self) -> None:
         """Read the operators' switches; note this instance's breaker states."""
         self._channels.overrides.replace(await self._journal.overrides())
+        self._switches_read = self._clock.monotonic()
         instance = str(getattr(self._journal, "instance", "local"))
         await self._journal.report_breakers(
             instance, {name: lane.breaker.state

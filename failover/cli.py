@@ -36,10 +36,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
 import sys
+import threading
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -797,7 +799,28 @@ async def _channel_says(config_path: Path, record: Any, channel: str,
     async def ask(req: ChannelRequest) -> Any:
         if asyncio.iscoroutinefunction(query):
             return await query(req)
-        return await asyncio.to_thread(query, req)
+        # A daemon thread: one that hangs past the timeout must not hold the command
+        # (asyncio.to_thread's pool is waited for when the loop closes).
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Any] = loop.create_future()
+
+        def settle(value: Any, error: BaseException | None) -> None:
+            if not done.done():
+                if error is not None:
+                    done.set_exception(error)
+                else:
+                    done.set_result(value)
+
+        def work() -> None:
+            try:
+                value, error = query(req), None
+            except BaseException as exc:
+                value, error = None, exc
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                loop.call_soon_threadsafe(settle, value, error)
+
+        threading.Thread(target=work, name="failover-resolve-query", daemon=True).start()
+        return await done
 
     answer = await invoke(ask, request, config.channels[channel].timeout_s,
                           config.channels[channel].outcome_map)
@@ -821,7 +844,11 @@ async def _resolve_data(target: _Target, args: argparse.Namespace) -> dict[str, 
                          " pending repayment is resolved by hand (a late collection is"
                          " corrected by the sweep)")
         collected = args.collected_by is not None
-        reference = make_reference(record.key, record.round, args.collected_by) \
+        # The operator's collection has a reference of its own: the router's own attempt
+        # on that channel, if it may have collected, stays watched (a second collection
+        # is refunded; the same one, reported under this channel reference, is not).
+        reference = f"operator:{args.channel_reference}" if collected else None
+        ours = make_reference(record.key, record.round, args.collected_by) \
             if collected else None
         warnings: list[str] = []
         if args.config is not None:
@@ -829,11 +856,11 @@ async def _resolve_data(target: _Target, args: argparse.Namespace) -> dict[str, 
                 warnings.append("accounts are encrypted and FAILOVER_ACCOUNT_KEYS is not set:"
                                 " the channels were not asked")
             elif collected:
-                assert reference is not None
-                said = await _channel_says(args.config, record, args.collected_by, reference)
+                assert ours is not None
+                said = await _channel_says(args.config, record, args.collected_by, ours)
                 if said != "succeeded":
                     warnings.append(f"{args.collected_by}'s own query says {said} for"
-                                    f" {reference}, not succeeded")
+                                    f" {ours}, not succeeded")
             else:
                 for attempt in record.round_attempts():
                     if attempt.in_doubt:

@@ -38,6 +38,12 @@ PURGED = "<purged>"
 KEYS_VARIABLE = "FAILOVER_ACCOUNT_KEYS"
 
 
+def account_usable(stored: str) -> bool:
+    """Whether an account read back can be sent to a channel: not erased by ``purge``,
+    not still encrypted (a journal opened without its codec)."""
+    return stored != PURGED and not stored.startswith(FernetCodec.PREFIX)
+
+
 @runtime_checkable
 class AccountCodec(Protocol):
     """Turns an account into what the journal stores, and back."""

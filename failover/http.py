@@ -278,7 +278,8 @@ class HttpChannel(abc.ABC):
       outcome for submits and refunds; an unlisted 4xx is ``DECLINED``.
     - ``idempotency_header`` (``"Idempotency-Key"``; ``None`` sends none): carries
       ``request.reference`` with every submit and refund.
-    - ``idempotent``: whether the gateway deduplicates by that header (default True).
+    - ``idempotent``: whether the gateway deduplicates by that header (default: True
+      when ``idempotency_header`` is sent, False without one; True without one is refused).
     - ``http2`` (False; needs the ``h2`` package), ``max_connections`` (20),
       ``verify`` (True, False, a CA bundle path or an ``ssl.SSLContext``),
       ``client_cert`` (a PEM path, or ``[cert, key]``), ``trust_env`` (True: proxy
@@ -322,6 +323,12 @@ class HttpChannel(abc.ABC):
             self.name = name
         if idempotent is not None:
             self.idempotent = idempotent
+        elif idempotency_header is None:
+            # No key on the wire: nothing lets the gateway recognise a resend.
+            self.idempotent = False
+        if self.idempotent and idempotency_header is None:
+            raise ValueError("idempotent=True needs an idempotency_header: without the"
+                             " reference on the wire a resend would collect again")
         self.base_url = base_url
         for label, seconds in (("connect_timeout_s", connect_timeout_s),
                                ("read_timeout_s", read_timeout_s),
@@ -553,6 +560,10 @@ class HttpChannel(abc.ABC):
             value: object = (read(response) if 200 <= status < 300
                              else self.read_refusal(operation, request, response))
         except ChannelUnavailable as exc:
+            if 200 <= status < 300:
+                # The gateway answered 2xx: it acted.  Never "certainly not collected".
+                return ChannelResult.unknown("bad_response",
+                                             f"HTTP {status}: {_describe(exc)}")
             return ChannelResult.unavailable(exc.code, exc.detail)
         except Exception as exc:
             return ChannelResult.unknown("bad_response", f"HTTP {status}: {_describe(exc)}")

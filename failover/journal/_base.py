@@ -34,6 +34,7 @@ from failover._models import (
     RepaymentStatus,
     Skip,
 )
+from failover.codec import PURGED, account_usable
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +83,8 @@ class Record:
     def check_same(self, repayment: Repayment) -> None:
         """Raise ``IdempotencyConflict`` if ``repayment`` reuses this key for other money."""
         for field in ("account", "amount", "currency"):
+            if field == "account" and not account_usable(self.account):
+                continue  # erased (or unreadable here): the rest must still agree
             stored, given = getattr(self, field), getattr(repayment, field)
             if stored != given:
                 shown = (lambda v: "<masked>") if field == "account" else (lambda v: v)
@@ -525,6 +528,8 @@ def decoded(value: Any, codec: Any) -> Any:
     """``value`` (a record, or a tuple, list or dict holding records) with every
     record's account decoded by ``codec`` (see ``failover.codec``)."""
     if isinstance(value, Record):
+        if value.account == PURGED:
+            return value
         try:
             account = codec.decode(value.account)
         except JournalError as exc:
@@ -537,3 +542,15 @@ def decoded(value: Any, codec: Any) -> Any:
     if isinstance(value, dict):
         return {k: decoded(v, codec) for k, v in value.items()}
     return value
+
+
+def require_account(record: Record) -> None:
+    """Refuse to build a channel request from an account that cannot be sent: erased by
+    ``purge``, or still encrypted (the journal was opened without its codec: set
+    ``FAILOVER_ACCOUNT_KEYS``).  Nothing is sent; the repayment stays as it is."""
+    if not account_usable(record.account):
+        why = "was erased by purge" if record.account == PURGED else (
+            "is encrypted and this journal was opened without its codec (set"
+            " FAILOVER_ACCOUNT_KEYS)")
+        raise JournalError(f"repayment {record.key!r}: its account {why}: no channel is"
+                           " called for it")

@@ -315,11 +315,12 @@ class MemoryJournal(SingleOwner):
         return True
 
     async def purge_accounts(self, before: datetime) -> int:
-        busy = {c.key for c in self._late.values() if c.next_at is not None}
+        busy = {c.key for c in self._late.values()
+                if c.next_at is not None or c.refund is RefundState.MANUAL}
         erased = 0
         for key, row in self._rows.items():
             if row.status is not RepaymentStatus.PENDING and row.updated_at < before \
-                    and key not in busy and row.record.account != PURGED:
+                    and key not in busy and row.watch is None and row.record.account != PURGED:
                 row.record = dataclasses.replace(row.record, account=PURGED)
                 row.snapshot = None
                 erased += 1

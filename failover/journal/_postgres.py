@@ -1030,11 +1030,11 @@ class PostgresJournal:
                 record.key, record.account, record.amount, record.currency, record.due_at,
                 record.metadata, record.preference, record.status, record.round,
                 record.created_at, record.updated_at, attempts=(sent_attempt,))
+        if self.codec is not None:  # held as stored; _submit decodes what it returns
+            record = dataclasses.replace(record, account=self.codec.encode(record.account))
         sql = self._sql
         args = (
-            record.key,
-            record.account if self.codec is None else self.codec.encode(record.account),
-            record.amount, record.currency, record.due_at,
+            record.key, record.account, record.amount, record.currency, record.due_at,
             json.dumps(record.metadata), None if preference is None else list(preference),
             PendingReason.IN_FLIGHT.value, now, self.instance, self.lease_s,
             None if first_attempt is None else first_attempt[0],
@@ -1516,8 +1516,9 @@ class PostgresJournal:
     async def purge_accounts(self, before: datetime) -> int:
         sql = (f"UPDATE {self.schema}.repayments AS r SET account = $2"
                " WHERE status <> 'pending' AND updated_at < $1 AND account <> $2"
+               " AND watch_at IS NULL"
                f" AND NOT EXISTS (SELECT 1 FROM {self.schema}.late_checks c"
-               " WHERE c.key = r.key AND c.next_at IS NOT NULL)")
+               " WHERE c.key = r.key AND (c.next_at IS NOT NULL OR c.refund = 'manual'))")
 
         async def apply(conn: asyncpg.Connection) -> int:
             status = await conn.execute(sql, before, PURGED)

@@ -500,6 +500,8 @@ class SQLiteJournal(SingleOwner):
         if first_attempt is not None:
             sent = Attempt(*first_attempt, None, None, now, None, round=1)
             record = dataclasses.replace(record, attempts=(sent,))
+        if self.codec is not None:  # held as stored; _submit decodes what it returns
+            record = dataclasses.replace(record, account=self.codec.encode(record.account))
 
         def op(conn: sqlite3.Connection) -> tuple[Record, bool]:
             cursor = conn.execute(
@@ -508,9 +510,7 @@ class SQLiteJournal(SingleOwner):
                 " VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', 1, ?, ?, ?)"
                 " ON CONFLICT (key) DO NOTHING",
                 (
-                    record.key,
-                    record.account if self.codec is None else self.codec.encode(record.account),
-                    str(record.amount), record.currency,
+                    record.key, record.account, str(record.amount), record.currency,
                     _ts(record.due_at), json.dumps(record.metadata),
                     None if preference is None else json.dumps(list(preference)),
                     PendingReason.IN_FLIGHT.value, _ts(now), _ts(now),
@@ -916,8 +916,10 @@ class SQLiteJournal(SingleOwner):
             cursor = conn.execute(
                 "UPDATE repayments SET account = ? WHERE status <> 'pending'"
                 " AND julianday(updated_at) < julianday(?) AND account <> ?"
+                " AND watch_at IS NULL"
                 " AND NOT EXISTS (SELECT 1 FROM late_checks c WHERE c.key = repayments.key"
-                " AND c.next_at IS NOT NULL)", (PURGED, _utc(before), PURGED))
+                " AND (c.next_at IS NOT NULL OR c.refund = 'manual'))",
+                (PURGED, _utc(before), PURGED))
             return cursor.rowcount
 
         return await self._submit(op)

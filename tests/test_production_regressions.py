@@ -1,0 +1,310 @@
+"""Regression tests for the production features (codec, purge, resolve, switches, the
+httpx kit): each once charged the wrong account, charged twice, leaked an account,
+ignored an operator or hung; each is checked against what the channels were asked."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import failover
+from failover import ChannelResult, RepaymentStatus
+from failover.codec import FernetCodec
+from failover.testing import Collection, FakeClock, MemoryLedger, ScriptedChannel, audit
+
+from . import pg
+from .conftest import repayment
+
+ACCOUNT = "6222021234567890"
+KEY = "loan-42/instalment-7"
+
+
+class ShiftCodec:
+    """A format-preserving tokenizer (each digit + 3): ``decode`` of a plain account
+    gives another plausible account, so decoding twice charges the wrong one."""
+
+    def encode(self, account: str) -> str:
+        return "".join(str((int(c) + 3) % 10) if c.isdigit() else c for c in account)
+
+    def decode(self, stored: str) -> str:
+        return "".join(str((int(c) - 3) % 10) if c.isdigit() else c for c in stored)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def journal_of(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    def make(codec: Any = None) -> failover.Journal:
+        if request.param == "sqlite":
+            return failover.SQLiteJournal(tmp_path / "journal.db", codec=codec)
+        return failover.PostgresJournal(pg.require(), schema=pg.schema_for(str(tmp_path)),
+                                        migrate=True, instance="prod", codec=codec)
+
+    return make
+
+
+async def test_a_tokenizing_codec_charges_the_borrowers_account(journal_of):
+    """The first repay() of a key calls the channel with the account as given, not with
+    the codec's decode of it."""
+    card = ScriptedChannel("card")
+    async with failover.Router([card], journal_of(ShiftCodec()), clock=FakeClock()) as router:
+        await router.repay(repayment(account=ACCOUNT))
+        again = await router.repay(repayment(account=ACCOUNT))
+
+    assert [ACCOUNT] == [r.account for r in card.requests]
+    assert RepaymentStatus.SUCCEEDED == again.status
+
+
+async def test_an_encrypted_journal_opened_without_its_codec_calls_no_channel(journal_of):
+    """Reconciling without FAILOVER_ACCOUNT_KEYS must not send the ciphertext as the
+    account: nothing is sent and the repayment stays pending."""
+    keys = [FernetCodec.generate_key()]
+    card = ScriptedChannel("card", [ChannelResult.unknown("timeout")],
+                           queries=[ChannelResult.unknown("query_timeout")] * 3)
+    config = failover.RouterConfig.model_validate(
+        {"channels": {"card": {"settle_s": 0, "retry": {"max_attempts": 1}}}})
+    async with failover.Router([card], journal_of(FernetCodec(keys)), config,
+                               clock=FakeClock()) as router:
+        assert RepaymentStatus.PENDING == (await router.repay(repayment(account=ACCOUNT))).status
+    sent = len(card.requests) + len(card.query_requests)
+
+    async with failover.Router([card], journal_of(), config, clock=FakeClock()) as router:
+        await router.reconcile()  # each repayment it cannot drive is left as it stands
+        assert RepaymentStatus.PENDING == (await router.get(KEY)).status
+
+    assert sent == len(card.requests) + len(card.query_requests)
+    assert {ACCOUNT} == {r.account for r in card.requests + card.query_requests}
+
+
+async def test_an_operators_collection_leaves_the_routers_own_attempt_watched(tmp_path):
+    """Resolved by hand as collected at the counter; the router's own attempt on that
+    channel, still in doubt, applies later: it is found and refunded."""
+    from failover.cli import main
+
+    path = tmp_path / "journal.db"
+    clock = FakeClock()
+    ledger = MemoryLedger()
+    card = ScriptedChannel("card", [ChannelResult.unknown("timeout")],
+                           queries=[ChannelResult.unknown("busy")] * 3, ledger=ledger)
+    config = failover.RouterConfig.model_validate(
+        {"channels": {"card": {"settle_s": 0, "retry": {"max_attempts": 1}}},
+         "late": {"checks_s": [0, 3600]}})
+    async with failover.Router([card], failover.SQLiteJournal(path), config,
+                               clock=clock) as router:
+        pending = await router.repay(repayment(account=ACCOUNT))
+    ledger.record(Collection("card", "counter", KEY, Decimal("1250.00"), "BC-99812"))
+
+    code = await asyncio.to_thread(
+        main, ["resolve", KEY, "--journal", str(path), "--collected-by", "card",
+               "--channel-reference", "BC-99812", "--note", "paid at the counter"])
+    assert 0 == code
+    ledger.record(Collection("card", pending.attempts[0].reference, KEY, Decimal("1250.00"),
+                             "card-77"))  # the router's own request, applied late
+    clock.set(datetime.now(UTC) + timedelta(minutes=1))  # the command wrote wall time
+    async with failover.Router([card], failover.SQLiteJournal(path), config,
+                               clock=clock) as router:
+        await router.sweep()
+        result = await router.get(KEY)
+
+    assert ("succeeded", "BC-99812") == (result.status.value, result.channel_reference)
+    assert [pending.attempts[0].reference] == [r.reference for r in ledger.refunds()]
+    assert audit({KEY: result}, [ledger]).ok
+
+
+async def test_the_same_collection_reported_by_the_operator_is_not_refunded(tmp_path):
+    """When the router's own attempt is the very collection the operator reports (the
+    same channel reference), nothing is refunded: it is the only collection."""
+    from failover.cli import main
+
+    path = tmp_path / "journal.db"
+    clock = FakeClock()
+    ledger = MemoryLedger()
+    card = ScriptedChannel("card", [ChannelResult.unknown("timeout")],
+                           queries=[ChannelResult.unknown("busy")] * 3, ledger=ledger)
+    config = failover.RouterConfig.model_validate(
+        {"channels": {"card": {"settle_s": 0, "retry": {"max_attempts": 1}}},
+         "late": {"checks_s": [0]}})
+    async with failover.Router([card], failover.SQLiteJournal(path), config,
+                               clock=clock) as router:
+        pending = await router.repay(repayment(account=ACCOUNT))
+    ledger.record(Collection("card", pending.attempts[0].reference, KEY, Decimal("1250.00"),
+                             "card-77"))
+    assert 0 == await asyncio.to_thread(
+        main, ["resolve", KEY, "--journal", str(path), "--collected-by", "card",
+               "--channel-reference", "card-77", "--note", "seen on the statement"])
+    clock.set(datetime.now(UTC) + timedelta(minutes=1))  # the command wrote wall time
+    async with failover.Router([card], failover.SQLiteJournal(path), config,
+                               clock=clock) as router:
+        await router.sweep()
+        result = await router.get(KEY)
+
+    assert [] == ledger.refunds()
+    assert audit({KEY: result}, [ledger]).ok
+
+
+def test_an_http_channel_without_an_idempotency_key_is_not_idempotent():
+    """Without the reference on the wire a resend collects again: such a channel is not
+    treated as deduplicating, and claiming it is refused."""
+    from failover.http import GatewayChannel
+
+    assert not GatewayChannel(base_url="http://127.0.0.1:9", idempotency_header=None).idempotent
+    with pytest.raises(ValueError, match="idempotency_header"):
+        GatewayChannel(base_url="http://127.0.0.1:9", idempotency_header=None, idempotent=True)
+    assert GatewayChannel(base_url="http://127.0.0.1:9").idempotent
+
+
+def test_a_2xx_the_adapter_cannot_read_is_never_unavailable():
+    """A 2xx means the gateway acted; an adapter raising ChannelUnavailable while reading
+    it must not make the router fail over as if nothing was collected."""
+    import httpx
+
+    from failover.http import GatewayChannel
+
+    class Broken(GatewayChannel):
+        def read_submit(self, request: Any, response: Any) -> ChannelResult:
+            raise failover.ChannelUnavailable("parse", "unexpected body")
+
+    def gateway(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"status": "weird"})
+
+    channel = Broken(base_url="http://gateway.test", transport=httpx.MockTransport(gateway))
+    request = failover.ChannelRequest(KEY, "fo-1", ACCOUNT, Decimal("1.00"), "CNY")
+    result = asyncio.run(channel.submit(request))
+    assert failover.Outcome.UNKNOWN == result.outcome
+
+
+async def test_purge_keeps_what_late_work_still_needs_and_the_key_answers(tmp_path):
+    """A repayment marked for the watch (not yet turned into checks) keeps its account;
+    a purged key still answers repay() with its result; retry() of a purged FAILED one
+    sends nothing."""
+    clock = FakeClock()
+    ledger = MemoryLedger()
+    card = ScriptedChannel("card", [Collected_unknown(), ChannelResult.declined()],
+                           queries=[ChannelResult.not_found()], ledger=ledger)
+    wallet = ScriptedChannel("wallet", ledger=ledger)
+    config = failover.RouterConfig.model_validate(
+        {"channels": {"card": {"settle_s": 0, "retry": {"max_attempts": 1}},
+                      "wallet": {"settle_s": 0}}, "late": {"checks_s": [0]}})
+    journal = failover.SQLiteJournal(tmp_path / "journal.db")
+    async with failover.Router([card, wallet], journal, config, clock=clock) as router:
+        await router.repay(repayment(key="watched", account=ACCOUNT))
+        await router.repay(repayment(key="failed", account=ACCOUNT), channels=["card"])
+        clock.advance(86400)
+        assert 1 == await journal.purge_accounts(clock.now())  # "failed" only
+        assert ACCOUNT == (await journal.load("watched")).account
+        await router.sweep()  # the watch finds card's late money and refunds it
+        assert [ACCOUNT] == [r.account for r in card.refund_requests]
+
+        again = await router.repay(repayment(key="failed", account=ACCOUNT))
+        assert RepaymentStatus.FAILED == again.status
+        sent = len(card.requests) + len(wallet.requests)
+        with pytest.raises(failover.JournalError, match="erased"):
+            await router.retry("failed")
+        assert sent == len(card.requests) + len(wallet.requests)
+
+
+def Collected_unknown() -> Any:
+    from failover.testing import Collected
+
+    return Collected(ChannelResult.unknown("timeout"))
+
+
+async def test_an_adapters_error_text_never_puts_the_account_in_the_journal(tmp_path):
+    """An adapter whose exception quotes the account: the journaled detail is masked, so
+    with a codec the raw file holds no account number at all."""
+
+    class Quoting(ScriptedChannel):
+        async def submit(self, request: failover.ChannelRequest) -> ChannelResult:
+            self.requests.append(request)
+            raise KeyError(request.account)
+
+    path = tmp_path / "journal.db"
+    config = failover.RouterConfig.model_validate({"channels": {"card": {"settle_s": 0}}})
+    async with failover.Router([Quoting("card"), ScriptedChannel("wallet")],
+                               failover.SQLiteJournal(path, codec=FernetCodec(
+                                   FernetCodec.generate_key())), config,
+                               clock=FakeClock()) as router:
+        await router.repay(repayment(account=ACCOUNT))
+
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("journal"))
+    assert ACCOUNT.encode() not in raw
+    assert b"7890" in raw  # the masked form is there
+
+
+async def test_a_switch_is_taken_without_a_background_loop_and_after_a_restart(tmp_path):
+    """An SQLite service with default settings: the next repayment after the switch's
+    read interval, and every one after a restart, avoids the disabled channel."""
+    from failover.journal._sqlite import write_override
+
+    path = tmp_path / "journal.db"
+    clock = FakeClock()
+    card, wallet = ScriptedChannel("card"), ScriptedChannel("wallet")
+    async with failover.Router([card, wallet], failover.SQLiteJournal(path),
+                               clock=clock) as router:
+        assert "card" == (await router.repay(repayment(key="k0"))).channel
+        write_override(path, failover.Override("card", False, clock.now() + timedelta(hours=1),
+                                               "double charging", "ops", clock.now()), "card")
+        clock.advance(6)
+        assert "wallet" == (await router.repay(repayment(key="k1"))).channel
+    async with failover.Router([card, wallet], failover.SQLiteJournal(path),
+                               clock=clock) as router:
+        assert "wallet" == (await router.repay(repayment(key="k2"))).channel
+
+
+def test_resolve_asks_a_hung_channel_no_longer_than_its_timeout(tmp_path, capsys):
+    """A plain-def status query that hangs: resolve --config warns after the channel's
+    timeout and returns; the thread is left behind (daemon), not waited for."""
+    from failover.cli import main
+
+    release = threading.Event()
+
+    path = tmp_path / "journal.db"
+    module = tmp_path / "hung_channel.py"
+    module.write_text(
+        "import threading\n"
+        "from failover import ChannelResult\n"
+        "HOLD = threading.Event()\n"
+        "class Hung:\n"
+        "    idempotent = False\n"
+        "    def __init__(self, name='card'):\n"
+        "        self.name = name\n"
+        "    def submit(self, request):\n"
+        "        return ChannelResult.unknown('timeout')\n"
+        "    def query(self, request):\n"
+        "        HOLD.wait(30)\n"
+        "        return ChannelResult.not_found()\n")
+    config = tmp_path / "failover.toml"
+    config.write_text('[channels.card]\nadapter = "hung_channel:Hung"\ntimeout_s = 0.5\n')
+    card = ScriptedChannel("card", [ChannelResult.unknown("timeout")],
+                           queries=[ChannelResult.unknown("busy")] * 3)
+
+    async def pending() -> None:
+        async with failover.Router([card], failover.SQLiteJournal(path), clock=FakeClock(),
+                                   config=failover.RouterConfig.model_validate(
+                                       {"channels": {"card": {"settle_s": 0, "retry": {
+                                           "max_attempts": 1}}}})) as router:
+            await router.repay(repayment())
+
+    asyncio.run(pending())
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        started = time.monotonic()
+        code = main(["resolve", KEY, "--journal", str(path), "--not-collected", "--note",
+                     "statement", "--config", str(config)])
+        elapsed = time.monotonic() - started
+    finally:
+        import hung_channel  # type: ignore[import-not-found]
+
+        hung_channel.HOLD.set()
+        release.set()
+        sys.path.remove(str(tmp_path))
+
+    assert 0 == code
+    assert elapsed < 10, elapsed
