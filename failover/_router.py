@@ -211,7 +211,6 @@ class Router:
         self._life.require_open()
         if not isinstance(repayment, Repayment):
             raise TypeError(f"repay() takes a failover.Repayment, not {type(repayment).__name__}")
-        await self._switches_if_stale()
         preference = self._channels.check_preference(channels)
         existing = self._registry.get(repayment.key)
         if existing is not None:  # being driven: check it is the same money, then join
@@ -234,7 +233,7 @@ class Router:
         intent = Intent(repayment)
         layout = self._channels.layout
         task = self._registry.start(
-            repayment.key, lambda: self._executor.start(intent, preference, layout), intent)
+            repayment.key, lambda: self._start(intent, preference, layout), intent)
         result = await self._registry.join(task)
         if intent.conflict is not None:
             raise intent.conflict
@@ -284,6 +283,12 @@ class Router:
         cleared = await self._journal.clear_override(channel)
         self._channels.overrides.replace(await self._journal.overrides())
         return cleared
+
+    async def _start(self, intent: Intent, preference: tuple[str, ...] | None,
+                     layout: Any) -> RepaymentResult:
+        # In the repayment's own task: repay() registers it without an await first.
+        await self._switches_if_stale()
+        return await self._executor.start(intent, preference, layout)
 
     async def _switches_if_stale(self) -> None:
         """Read the operators' switches again if the last read is older than

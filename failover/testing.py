@@ -533,6 +533,7 @@ class SimulatedChannel:
         """Callbacks the submit being decided sends once it has answered."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._undelivered: list[Awaitable[None]] = []
         with contextlib.suppress(RuntimeError):
             self._loop = asyncio.get_running_loop()
         self._serial = 0
@@ -730,13 +731,19 @@ class SimulatedChannel:
             loop = None
         if loop is not None:
             self._loop = loop
+            self._flush_undelivered()
             self._receive(pending)
         elif self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._receive, pending)
         else:
-            if inspect.iscoroutine(pending):
-                pending.close()
-            raise RuntimeError(f"{self.name}: an awaitable callback needs an event loop")
+            # No loop seen yet (a test moved the clock before any call on a loop): the
+            # provider's webhook waits, as a queued one would, for drain_callbacks().
+            self._undelivered.append(pending)
+
+    def _flush_undelivered(self) -> None:
+        waiting, self._undelivered = self._undelivered, []
+        for pending in waiting:
+            self._receive(pending)
 
     def _receive(self, pending: Awaitable[None]) -> None:
         """Run a receiver's awaitable on its own task, keeping what it raises."""
@@ -762,6 +769,8 @@ class SimulatedChannel:
 
     async def drain_callbacks(self) -> None:
         """Wait until every callback handed over so far has been received."""
+        self._loop = asyncio.get_running_loop()
+        self._flush_undelivered()
         await asyncio.sleep(0)  # the ones sent "after" an answer are handed over first
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
