@@ -233,7 +233,8 @@ class Router:
         intent = Intent(repayment)
         layout = self._channels.layout
         task = self._registry.start(
-            repayment.key, lambda: self._start(intent, preference, layout), intent)
+            repayment.key, lambda: self._executor.start(intent, preference, layout), intent)
+        self._switches_if_stale()
         result = await self._registry.join(task)
         if intent.conflict is not None:
             raise intent.conflict
@@ -284,24 +285,22 @@ class Router:
         self._channels.overrides.replace(await self._journal.overrides())
         return cleared
 
-    async def _start(self, intent: Intent, preference: tuple[str, ...] | None,
-                     layout: Any) -> RepaymentResult:
-        # In the repayment's own task: repay() registers it without an await first.
-        await self._switches_if_stale()
-        return await self._executor.start(intent, preference, layout)
-
-    async def _switches_if_stale(self) -> None:
-        """Read the operators' switches again if the last read is older than
-        ``sweep_every_s`` (without a background loop too): one small read for one call
-        in that time."""
+    def _switches_if_stale(self) -> None:
+        """Read the operators' switches again, beside the calls, if the last read is
+        older than ``sweep_every_s`` (without a background loop too): the repayments
+        that come after it take them.  Never an await before a repayment is registered."""
         now = self._clock.monotonic()
         if now - self._switches_read < self._sweep_every_s:
             return
         self._switches_read = now
-        try:
-            self._channels.overrides.replace(await self._journal.overrides())
-        except JournalError:  # the loop or a later call reads them again
-            _log.warning("could not read the operators' channel switches", exc_info=True)
+
+        async def read() -> None:
+            try:
+                self._channels.overrides.replace(await self._journal.overrides())
+            except JournalError:  # the loop or a later call reads them again
+                _log.warning("could not read the operators' channel switches", exc_info=True)
+
+        self._life.spawn(read())
 
     async def _refresh(self) -> None:
         """Read the operators' switches; note this instance's breaker states."""
