@@ -20,6 +20,9 @@ class Channel(Protocol):
     ``submit`` and ``query`` may be ``async def`` or plain ``def`` (run in a
     worker thread).  Either may raise ``failover.ChannelUnavailable`` to mean
     ``UNAVAILABLE``; any other exception means ``UNKNOWN``.
+
+    Optional: ``paused_for`` (seconds, a number): while above 0 the router passes the
+    channel over (skip ``paused``) without calling it or counting against its breaker.
     """
 
     name: str

@@ -13,6 +13,7 @@ from failover._clock import Clock
 from failover._eligibility import (
     BREAKER_OPEN,
     DISABLED,
+    PAUSED,
     Eligibility,
     priority_order,
     refusal,
@@ -76,7 +77,21 @@ class Overrides:
 
 def _refusal(lane: Lane, overrides: Overrides, amount: Decimal, currency: str,
              now: Callable[[], datetime]) -> tuple[str, str] | None:
-    """The configuration's refusal, as an operator's switch changes it."""
+    """The configuration's refusal, as an operator's switch changes it, then the
+    channel's own pause."""
+    ruled_out = _configured(lane, overrides, amount, currency, now)
+    if ruled_out is not None:
+        return ruled_out
+    # An adapter may say it must not be called for a while (the httpx kit after a
+    # Retry-After): passed over without a call, so nothing counts against its breaker.
+    paused = getattr(lane.channel, "paused_for", None)
+    if isinstance(paused, int | float) and paused > 0:
+        return PAUSED, f"the channel asked for a pause: {paused:.1f}s left"
+    return None
+
+
+def _configured(lane: Lane, overrides: Overrides, amount: Decimal, currency: str,
+                now: Callable[[], datetime]) -> tuple[str, str] | None:
     if overrides._by_channel:  # the usual case has none: no clock read, no copy
         override = overrides.active(lane.name, now())
         if override is not None:

@@ -15,6 +15,7 @@ from failover.config import ChannelConfig, RouterConfig
 DISABLED = "disabled"
 MAINTENANCE = "maintenance"
 BREAKER_OPEN = "breaker_open"
+PAUSED = "paused"
 LIMITS = "limits"
 
 
@@ -24,7 +25,8 @@ class Eligibility:
 
     channel: str
     reason: str | None
-    """``None`` if eligible; else ``disabled``, ``limits``, ``maintenance`` or ``breaker_open``."""
+    """``None`` if eligible; else ``disabled``, ``limits``, ``maintenance``, ``paused`` or
+    ``breaker_open``."""
     detail: str | None = None
 
     @property

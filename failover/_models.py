@@ -277,8 +277,8 @@ class Skip:
 
     channel: str
     reason: str
-    """``disabled``, ``limits``, ``maintenance``, ``breaker_open``, ``retry_budget`` or
-    ``ineligible``."""
+    """``disabled``, ``limits``, ``maintenance``, ``paused`` (the adapter's
+    ``paused_for``), ``breaker_open``, ``retry_budget`` or ``ineligible``."""
     at: datetime
     round: int = 1
 

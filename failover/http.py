@@ -11,8 +11,8 @@ it and turns what the transport did into an outcome, by this table:
 =========================================================  ============  ======================
 what happened                                              outcome       code
 =========================================================  ============  ======================
-an earlier 429/503 asked for a pause that has not passed   UNAVAILABLE   ``retry_after``
-  (nothing is sent)
+a submit or refund while an earlier 429/503 asked for a   UNAVAILABLE   ``retry_after``
+  pause that has not passed (nothing is sent)
 ``build_*`` raised (``ChannelUnavailable`` keeps its code) UNAVAILABLE   ``build_error``
 ``ConnectError``: connection refused, DNS failure, TLS     UNAVAILABLE   ``connect_error``
   handshake failure
@@ -47,8 +47,11 @@ written, and ``PoolTimeout`` before a connection is even chosen; everything else
 come after the gateway received the request.  A 4xx says the gateway refused it, so
 nothing was collected; a 5xx may come after the gateway acted (an operator who knows
 the gateway rolls back on 500 maps it: ``status_map = {500: "unavailable"}``).
-``Retry-After`` is honoured on the adapter's clock: until the pause has passed, every
-call (submit, query, refund) answers ``UNAVAILABLE`` without sending.
+``Retry-After`` is honoured on the adapter's clock: until the pause has passed, a
+submit or refund answers ``UNAVAILABLE`` without sending, and ``paused_for`` says how
+long is left, which a router reads to pass the channel over (a journaled ``paused``
+skip: no call, nothing counted against its breaker) until then.  Status queries still
+go during a pause: a payment left in doubt costs more than one read.
 
 The kit sends ``request.reference`` in the idempotency header (``Idempotency-Key``,
 configurable) with every submit and refund, shares one ``httpx.AsyncClient`` (one
@@ -513,7 +516,7 @@ class HttpChannel(abc.ABC):
         build: Callable[[], HttpCall], read: Callable[[httpx.Response], ChannelResult],
     ) -> ChannelResult:
         status: int | None = None
-        pause = self.paused_for
+        pause = self.paused_for if operation in _ACTING else 0.0
         if pause > 0:
             result = ChannelResult.unavailable(
                 "retry_after", f"the gateway asked for a pause (Retry-After): {pause:.1f}s left")

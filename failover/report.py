@@ -71,7 +71,8 @@ __all__ = [
     "report",
 ]
 
-CHANNEL_SKIPS = frozenset({"maintenance", "breaker_open", "retry_budget", "disabled"})
+CHANNEL_SKIPS = frozenset({"maintenance", "breaker_open", "retry_budget", "disabled",
+                           "paused"})
 """Skip reasons that are the channel's side."""
 CHANNEL_CODES = frozenset({"deadline", "no_eligible_channel", "timeout"})
 """Repayment codes that are the channel's side."""

@@ -470,20 +470,39 @@ async def test_write_timeout_is_unknown(gateway, channels):
 
 
 async def test_503_with_retry_after_pauses_the_channel(gateway, make):
-    """503 + Retry-After: UNAVAILABLE, and calls are refused without sending until the
-    pause has passed on the adapter's clock."""
+    """503 + Retry-After: UNAVAILABLE, and payments are refused without sending until the
+    pause has passed on the adapter's clock; status queries still go."""
     clock = FakeClock()
     channel = make(gateway.url("s503ra~after503"), clock=clock)
 
     first = await channel.submit(request())
-    paused = [await channel.submit(request()), await channel.query(request())]
+    paused = await channel.submit(request())
+    queried = await channel.query(request())
     clock.advance(30)
-    after = await channel.query(request())
+    after = await channel.submit(request())
 
     assert (Outcome.UNAVAILABLE, "service_unavailable") == outcome(first)
-    assert [(Outcome.UNAVAILABLE, "retry_after")] * 2 == [outcome(r) for r in paused]
-    assert Outcome.NOT_FOUND == after.outcome
-    assert (1, 1) == (gateway.count("s503ra"), gateway.count("after503"))
+    assert (Outcome.UNAVAILABLE, "retry_after") == outcome(paused)
+    assert Outcome.NOT_FOUND == queried.outcome
+    assert (Outcome.UNAVAILABLE, "service_unavailable") == outcome(after)
+    assert (2, 1) == (gateway.count("s503ra"), gateway.count("after503"))
+
+
+async def test_a_pause_holds_back_refunds_but_not_status_queries(gateway, make):
+    """During a pause a payment in doubt can still be settled by its query (leaving it
+    in doubt costs more than one read); a refund, which moves money, waits."""
+    collected = request()
+    await make(gateway.url("ok")).submit(collected)
+    clock = FakeClock()
+    channel = make(gateway.url("s429ra~ok"), clock=clock)
+
+    await channel.submit(request())
+    queried = await channel.query(collected)
+    refunded = await channel.refund(request(collected.reference + "-refund"), "pay-1",
+                                    Decimal("1250.00"))
+
+    assert (Outcome.SUCCEEDED, 0.0 < channel.paused_for) == (queried.outcome, True)
+    assert (Outcome.UNAVAILABLE, "retry_after") == outcome(refunded)
 
 
 async def test_503_without_retry_after_is_unknown(gateway, make):
@@ -497,6 +516,7 @@ async def test_429_is_unavailable_and_honours_retry_after(gateway, make):
     """429 + Retry-After: UNAVAILABLE, then refused without sending for the pause."""
     clock = FakeClock()
     channel = make(gateway.url("s429ra"), clock=clock)
+    before = gateway.count("s429ra")
 
     answers = [await channel.submit(request()), await channel.submit(request())]
     clock.advance(2)
@@ -505,7 +525,7 @@ async def test_429_is_unavailable_and_honours_retry_after(gateway, make):
     assert [(Outcome.UNAVAILABLE, "rate_limited"), (Outcome.UNAVAILABLE, "retry_after")] \
         == [outcome(r) for r in answers]
     assert (Outcome.UNAVAILABLE, "rate_limited") == outcome(last)
-    assert 2 == gateway.count("s429ra")
+    assert 2 == gateway.count("s429ra") - before
 
 
 async def test_429_without_retry_after_is_unavailable_without_a_pause(gateway, make):
@@ -801,6 +821,37 @@ async def test_router_waits_when_the_query_cannot_tell(gateway, make):
     assert (failover.RepaymentStatus.PENDING, failover.PendingReason.AWAITING_CHANNEL,
             "gateway") == (result.status, result.pending_reason, result.pending_channel)
     assert 0 == backup.submits
+
+
+async def test_a_pause_skips_the_channel_and_never_opens_its_breaker(gateway, make):
+    """One 503 with Retry-After: 30 puts the gateway aside for 30 s: later repayments
+    skip it (journaled as "paused") without a call and without counting against its
+    breaker, so it is tried again as soon as the pause has passed, not a reset_timeout
+    after a breaker opened on calls it never received."""
+    clock = FakeClock()
+    backup = ScriptedChannel("backup")
+    kit = make(gateway.url("s503ra"), clock=clock)
+    config = RouterConfig(channels={c.name: ChannelConfig(
+        timeout_s=3, retry=RetryConfig(max_attempts=1),
+        breaker=failover.config.BreakerConfig(fail_max=2, reset_timeout_s=600))
+        for c in (kit, backup)})
+    before = gateway.count("s503ra")
+    journal = failover.MemoryJournal()
+
+    async with failover.Router([kit, backup], journal, config, clock=clock) as router:
+        during = [await router.repay(new_repayment()) for _ in range(5)]
+        records = [await journal.load(r.key) for r in during[1:]]
+        state = router.breaker("gateway").state
+        clock.advance(30)
+        after = await router.repay(new_repayment())
+
+    assert {(failover.RepaymentStatus.SUCCEEDED, "backup")} \
+        == {(r.status, r.channel) for r in during + [after]}
+    assert [["paused"]] * 4 == [[s.reason for s in r.skips if s.channel == "gateway"]
+                                for r in records if r is not None]
+    assert ("closed", 2) == (state, gateway.count("s503ra") - before)
+    assert [(Outcome.UNAVAILABLE, "service_unavailable")] \
+        == [(a.outcome, a.code) for a in after.attempts if a.channel == "gateway"]
 
 
 async def test_router_fails_over_when_the_connection_is_refused(gateway, make):
