@@ -846,7 +846,7 @@ async def test_a_pause_skips_the_channel_and_never_opens_its_breaker(gateway, ma
         after = await router.repay(new_repayment())
 
     assert {(failover.RepaymentStatus.SUCCEEDED, "backup")} \
-        == {(r.status, r.channel) for r in during + [after]}
+        == {(r.status, r.channel) for r in [*during, after]}
     assert [["paused"]] * 4 == [[s.reason for s in r.skips if s.channel == "gateway"]
                                 for r in records if r is not None]
     assert ("closed", 2) == (state, gateway.count("s503ra") - before)
