@@ -64,13 +64,19 @@ from failover.events import (
     RetryBudgetExhausted,
 )
 from failover.journal import Journal
+from failover.journal._base import WriteStats
 
-__all__ = ["LATENCY_BUCKETS", "BreakerState", "JournalCollector", "PrometheusHook"]
+__all__ = ["BATCH_BUCKETS", "LATENCY_BUCKETS", "WRITE_BUCKETS", "BreakerState",
+           "JournalCollector", "PrometheusHook"]
 
 _log = logging.getLogger("failover.metrics")
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 """Seconds.  Channel timeouts run to tens of seconds, past the client's default 10 s."""
+WRITE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+"""Seconds a journal transaction takes: a local SQLite fsync is about a millisecond."""
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+"""Operations per journal transaction (at most 1,024 on SQLite, 256 on PostgreSQL)."""
 
 
 class BreakerState(enum.IntEnum):
@@ -246,8 +252,14 @@ class JournalCollector:
       over a window is ``rate(operations) / rate(batches)``;
     - ``failover_journal_operations_per_batch``: the same since the journal opened.
 
-    Not measured: the latency of journal writes and the spread of batch sizes (the
-    journals keep only these two totals).
+    Observed as each transaction commits (the collector adds an observer to the
+    journal's ``writes``), from the collector's creation on:
+
+    - ``failover_journal_write_duration_seconds``: a histogram of how long each
+      transaction took, from its start to its commit (``WRITE_BUCKETS``); a repayment's
+      write waits about this long once its batch has begun;
+    - ``failover_journal_batch_operations``: a histogram of operations per transaction
+      (``BATCH_BUCKETS``).
     """
 
     def __init__(self, journal: Journal, *, registry: CollectorRegistry | None = None,
@@ -257,6 +269,23 @@ class JournalCollector:
         self._prefix = f"{namespace}_" if namespace else ""
         self._snapshot: _Snapshot | None = None
         self.registry.register(self)
+        self.write_duration: Histogram | None = None
+        self.batch_operations: Histogram | None = None
+        writes = getattr(journal, "writes", None)
+        if isinstance(writes, WriteStats):
+            self.write_duration = Histogram(
+                "journal_write_duration_seconds", "Time a journal transaction took, from"
+                " its start to its commit.", namespace=namespace, registry=self.registry,
+                buckets=WRITE_BUCKETS)
+            self.batch_operations = Histogram(
+                "journal_batch_operations", "Operations committed per journal transaction.",
+                namespace=namespace, registry=self.registry, buckets=BATCH_BUCKETS)
+            writes.add_observer(self._observe)
+
+    def _observe(self, operations: int, seconds: float) -> None:
+        assert self.write_duration is not None and self.batch_operations is not None
+        self.write_duration.observe(seconds)
+        self.batch_operations.observe(operations)
 
     async def refresh(self) -> None:
         """Read the journal now (four reads: ``stats()``, ``pending_keys`` for each

@@ -234,6 +234,60 @@ async def test_sqlite_batch_counters(tmp_path: Path, clock: FakeClock):
     assert "failover_journal_repayments" not in metrics  # no refresh yet
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def durable(request: pytest.FixtureRequest, tmp_path: Path) -> failover.Journal:
+    if request.param == "sqlite":
+        return failover.SQLiteJournal(tmp_path / "journal.db")
+    dsn, schema = request.getfixturevalue("postgres_dsn"), request.getfixturevalue("pg_schema")
+    return failover.PostgresJournal(dsn, schema=schema, migrate=True)
+
+
+def histogram(metrics: dict[str, dict[tuple[str, ...], float]], name: str
+              ) -> dict[float, float]:
+    """A label-less histogram's cumulative buckets, by upper bound."""
+    return {float(le): count for (le,), count in metrics[f"{name}_bucket"].items()}
+
+
+async def test_journal_write_duration_and_batch_sizes(durable: failover.Journal,
+                                                      clock: FakeClock):
+    """Each committed transaction is observed once: the histograms' counts are the
+    journal's batches, the batch-size sum its operations, and a burst of concurrent
+    repayments shows up as batches of more than one operation; a write takes time."""
+    import asyncio
+
+    collector = JournalCollector(durable)
+    async with failover.Router([ScriptedChannel("card")], durable, clock=clock,
+                               background=False) as router:
+        await asyncio.gather(*(router.repay(repayment(f"loan-{i}")) for i in range(40)))
+        batches, operations = durable.batches, durable.operations  # type: ignore[attr-defined]
+        metrics = scrape(collector.registry)
+
+    sizes = histogram(metrics, "failover_journal_batch_operations")
+    durations = histogram(metrics, "failover_journal_write_duration_seconds")
+    assert batches == metrics["failover_journal_batch_operations_count"][()] \
+        == metrics["failover_journal_write_duration_seconds_count"][()]
+    assert operations == metrics["failover_journal_batch_operations_sum"][()]
+    assert sizes[1.0] < batches  # some batches carried several writes
+    assert 0 < metrics["failover_journal_write_duration_seconds_sum"][()]
+    assert durations[float("inf")] == batches
+
+
+async def test_a_failing_batch_observer_never_stops_the_writer(tmp_path: Path,
+                                                              clock: FakeClock):
+    """An observer that raises is logged; the journal goes on writing."""
+    journal = failover.SQLiteJournal(tmp_path / "journal.db")
+
+    def broken(operations: int, seconds: float) -> None:
+        raise RuntimeError("observer bug")
+
+    journal.writes.add_observer(broken)
+    async with failover.Router([ScriptedChannel("card")], journal, clock=clock) as router:
+        first = await router.repay(repayment("loan-1"))
+        second = await router.repay(repayment("loan-2"))
+
+    assert [RepaymentStatus.SUCCEEDED] * 2 == [first.status, second.status]
+
+
 async def test_memory_journal_has_no_batch_counters():
     """A MemoryJournal writes no batches: those metrics are absent, not zero."""
     journal = failover.MemoryJournal()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -390,6 +391,42 @@ class Journal(Protocol):
         late-collection work left (a check still due may need it for a refund); the
         rest of its record, the audit trail, stays.  Returns how many were erased."""
         ...
+
+
+BatchObserver = Callable[[int, float], None]
+"""Called with a committed batch's operations and its duration in seconds (from the
+transaction's start to its commit)."""
+
+
+class WriteStats:
+    """What a journal's writer committed: ``batches`` (transactions), ``operations``
+    in them, and the observers told of each batch (``failover.metrics`` adds one).
+
+    An observer runs on the writer (the SQLite journal's thread, or the PostgreSQL
+    journal's task) and must be quick; whatever it raises is logged and ignored, so it
+    can never stop the writer."""
+
+    __slots__ = ("_observers", "batches", "operations")
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.operations = 0
+        self._observers: tuple[BatchObserver, ...] = ()
+
+    def add_observer(self, observer: BatchObserver) -> None:
+        self._observers = (*self._observers, observer)
+
+    def remove_observer(self, observer: BatchObserver) -> None:
+        self._observers = tuple(o for o in self._observers if o is not observer)
+
+    def committed(self, operations: int, seconds: float) -> None:
+        self.batches += 1
+        self.operations += operations
+        for observer in self._observers:
+            try:
+                observer(operations, seconds)
+            except Exception:
+                logging.getLogger("failover.journal").exception("a batch observer failed")
 
 
 class SingleOwner:

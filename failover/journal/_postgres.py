@@ -80,6 +80,7 @@ from failover.journal._base import (
     JournalStats,
     Record,
     Resolution,
+    WriteStats,
     correction_json,
     corrections_from,
     decoded,
@@ -392,10 +393,19 @@ class PostgresJournal:
         self._listener: asyncpg.Connection | None = None
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._errors = _CONNECTION_ERRORS
-        self.batches = 0
-        """Transactions committed; with ``operations``, shows how well writes were grouped."""
-        self.operations = 0
+        self.writes = WriteStats()
+        """Batches committed, operations in them, and observers of each batch's size and
+        duration (``failover.metrics.JournalCollector`` adds one)."""
         self._sql = _Statements(schema)
+
+    @property
+    def batches(self) -> int:
+        """Transactions committed; with ``operations``, shows how well writes were grouped."""
+        return self.writes.batches
+
+    @property
+    def operations(self) -> int:
+        return self.writes.operations
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -665,6 +675,7 @@ class PostgresJournal:
         return None
 
     async def _run_batch(self, lane: _Lane, batch: list[_Op]) -> None:
+        started = time.perf_counter()
         begun = await self._begin(lane)
         if begun is None:
             # Nothing was sent: each operation certainly did not happen.
@@ -701,8 +712,7 @@ class PostgresJournal:
             for op in batch:
                 await self._run_batch(lane, [op])
             return
-        self.batches += 1
-        self.operations += len(batch)
+        self.writes.committed(len(batch), time.perf_counter() - started)
         for op, value, error in results:
             if error is not None:
                 _fail(op.future, error)

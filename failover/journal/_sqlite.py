@@ -20,6 +20,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -56,6 +57,7 @@ from failover.journal._base import (
     Record,
     Resolution,
     SingleOwner,
+    WriteStats,
     correction_json,
     corrections_from,
     decoded,
@@ -290,9 +292,18 @@ class SQLiteJournal(SingleOwner):
         ] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.batches = 0
+        self.writes = WriteStats()
+        """Batches committed, operations in them, and observers of each batch's size and
+        duration (``failover.metrics.JournalCollector`` adds one)."""
+
+    @property
+    def batches(self) -> int:
         """Transactions committed; with ``operations``, shows how well writes were grouped."""
-        self.operations = 0
+        return self.writes.batches
+
+    @property
+    def operations(self) -> int:
+        return self.writes.operations
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -459,6 +470,7 @@ class SQLiteJournal(SingleOwner):
                     break
                 batch.append(item)
             outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+            started = time.perf_counter()
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 for operation, future in batch:
@@ -477,8 +489,8 @@ class SQLiteJournal(SingleOwner):
                     conn.execute("ROLLBACK")
                 failed = JournalError(f"journal {self.path!r}: commit failed: {exc}")
                 outcomes = [(future, None, failed) for _, future in batch]
-            self.batches += 1
-            self.operations += len(batch)
+            else:
+                self.writes.committed(len(batch), time.perf_counter() - started)
             # One wake-up of the event loop per batch, not one per operation.
             loop.call_soon_threadsafe(_settle_all, outcomes)
 
