@@ -273,19 +273,19 @@ class JournalCollector:
         self.batch_operations: Histogram | None = None
         writes = getattr(journal, "writes", None)
         if isinstance(writes, WriteStats):
-            self.write_duration = Histogram(
+            duration = self.write_duration = Histogram(
                 "journal_write_duration_seconds", "Time a journal transaction took, from"
                 " its start to its commit.", namespace=namespace, registry=self.registry,
                 buckets=WRITE_BUCKETS)
-            self.batch_operations = Histogram(
+            size = self.batch_operations = Histogram(
                 "journal_batch_operations", "Operations committed per journal transaction.",
                 namespace=namespace, registry=self.registry, buckets=BATCH_BUCKETS)
-            writes.add_observer(self._observe)
 
-    def _observe(self, operations: int, seconds: float) -> None:
-        assert self.write_duration is not None and self.batch_operations is not None
-        self.write_duration.observe(seconds)
-        self.batch_operations.observe(operations)
+            def observe(operations: int, seconds: float) -> None:
+                duration.observe(seconds)
+                size.observe(operations)
+
+            writes.add_observer(observe)
 
     async def refresh(self) -> None:
         """Read the journal now (four reads: ``stats()``, ``pending_keys`` for each
