@@ -19,7 +19,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -961,3 +961,88 @@ def test_sim_callbacks_are_read(sim_module):
 
     assert failover.Callback("ref-1", ChannelResult.declined("insufficient_funds")) \
         == channel.parse_callback(headers, body)
+
+
+# -- the whole table, row by row, against the simulator server -------------------------
+
+
+def sim_reference(sim_module: Any, faults: str, status: int, retry_after: bool) -> str:
+    """A payment reference the simulator (seed 1, these faults) answers first with this
+    5xx, found through its documented decision function."""
+    parsed, now = sim_module.Faults.parse(faults), datetime.now(UTC)
+    for i in range(1000):
+        refusal = sim_module.decide(parsed, 1, "payment", f"ref-{i}", 1, now).refusal
+        if refusal is not None and (refusal.status, refusal.retry_after is not None) \
+                == (status, retry_after):
+            return f"ref-{i}"
+    raise AssertionError(f"no reference draws {status}")  # pragma: no cover
+
+
+def window_now() -> str:
+    """A maintenance window from a minute ago to ten minutes on (UTC)."""
+    now = datetime.now(UTC)
+    start, end = now - timedelta(minutes=1), now + timedelta(minutes=10)
+    return f"{start:%H:%M}-{end:%H:%M}"
+
+
+async def test_every_row_of_the_table_against_the_simulator(sim_module, make):
+    """Each transport fact of the table, produced by the gateway simulator over real
+    sockets (or by its absence: stopped, behind TLS it does not speak, a name that does
+    not resolve), read as the table says; the simulator's ledger shows why: nothing was
+    collected behind an UNAVAILABLE or a DECLINED, and a reset came after the payment
+    was applied."""
+    rows: dict[str, tuple[Outcome, str | None]] = {}
+    ledgers: dict[str, int] = {}
+
+    async def row(name: str, faults: str = "", reference: str | None = None,
+                  url: Callable[[str], str] = lambda u: u, **options: Any) -> float:
+        """The row's outcome and ledger recorded; the pause the answer set returned."""
+        sim = sim_module.GatewaySim(faults=faults, seed=1)
+        async with sim.serve() as served:
+            channel = make(url(served), **options)
+            rows[name] = outcome(await channel.submit(request(reference)))
+            paused = channel.paused_for
+        ledgers[name] = len(sim.collections())
+        return paused
+
+    stopped = sim_module.GatewaySim(seed=1)
+    async with stopped.serve() as gone:
+        pass
+    rows["refused"] = outcome(await make(gone).submit(request()))
+    rows["dns"] = outcome(await make("http://gateway-sim.invalid").submit(request()))
+    await row("tls", url=lambda u: u.replace("http://", "https://"))
+    await row("read timeout", "latency_ms=1500,jitter=0", read_timeout_s=READ_TIMEOUT_S)
+    await row("reset", "reset_after_apply=1")
+    paused429 = await row("429", "rate_limit=1")
+    paused503 = await row("503 retry-after", f"maintenance={window_now()}")
+    await row("500", "error_5xx=1", sim_reference(sim_module, "error_5xx=1", 500, False))
+    await row("500 mapped", "error_5xx=1", sim_reference(sim_module, "error_5xx=1", 500, False),
+              status_map={500: "unavailable"})
+    await row("502", "error_5xx=1", sim_reference(sim_module, "error_5xx=1", 502, False))
+    await row("bare 503", "error_5xx=1", sim_reference(sim_module, "error_5xx=1", 503, False))
+    await row("402", "decline=1")
+    await row("422", "reject=1")
+    await row("200")
+
+    assert {
+        "refused": (Outcome.UNAVAILABLE, "connect_error"),
+        "dns": (Outcome.UNAVAILABLE, "connect_error"),
+        "tls": (Outcome.UNAVAILABLE, "connect_error"),
+        "read timeout": (Outcome.UNKNOWN, "read_timeout"),
+        "reset": (Outcome.UNKNOWN, "read_error"),
+        "429": (Outcome.UNAVAILABLE, "rate_limited"),
+        "503 retry-after": (Outcome.UNAVAILABLE, "service_unavailable"),
+        "500": (Outcome.UNKNOWN, "http_500"),
+        "500 mapped": (Outcome.UNAVAILABLE, "http_500"),
+        "502": (Outcome.UNKNOWN, "http_502"),
+        "bare 503": (Outcome.UNKNOWN, "http_503"),
+        "402": (Outcome.DECLINED, "insufficient_funds"),
+        "422": (Outcome.REJECTED, "rejected"),
+        "200": (Outcome.SUCCEEDED, None),
+    } == rows
+    assert {"tls": 0, "reset": 1, "429": 0, "503 retry-after": 0, "500 mapped": 0,
+            "402": 0, "422": 0, "200": 1} \
+        == {k: v for k, v in ledgers.items() if k not in ("read timeout", "500", "502",
+                                                             "bare 503")}
+    assert 0.0 < paused429 <= 1.0
+    assert 9 * 60 < paused503 <= 11 * 60
