@@ -102,6 +102,10 @@ class Params:
     """Until every key has an answer."""
     settle_s: float = 60.0
     """Until nothing is pending and the ledgers audit clean, after the load."""
+    lease_s: float = 10.0
+    """The instances' journal lease: above the gateways' timeout_s (4 s) plus a margin."""
+    reconcile_s: float = 5.0
+    """How often each instance reconciles repayments waiting on a gateway."""
     gateways: tuple[Gateway, ...] = GATEWAYS
 
 
@@ -610,6 +614,10 @@ async def run(params: Params, dsn: str, schema: str, workdir: Path) -> Report:
         env = child_env({
             "FAILOVER_CONFIG": str(CONFIG), "FAILOVER_JOURNAL": dsn,
             "FAILOVER_SCHEMA": schema, "FAILOVER_GRACE_S": "1",
+            # A killed instance's work is taken over after 10 s, and what waits on a
+            # gateway is asked again every 5 s: a run settles in seconds, not minutes.
+            "FAILOVER_LEASE_S": str(params.lease_s),
+            "FAILOVER_RECONCILE_S": str(params.reconcile_s),
             **{f"FAILOVER_CHANNELS__{sim.gateway.name.upper()}__OPTIONS__BASE_URL": sim.url
                for sim in sims}})
         for name, port in zip("ab", ports, strict=True):
@@ -638,12 +646,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-callbacks", action="store_true",
                         help="the gateways send no webhooks (status queries only)")
     parser.add_argument("--settle-s", type=float, default=defaults.settle_s)
+    parser.add_argument("--lease-s", type=float, default=defaults.lease_s)
+    parser.add_argument("--reconcile-s", type=float, default=defaults.reconcile_s)
     parser.add_argument("--workdir", type=Path, default=None,
                         help="logs and ledgers (default: a temporary directory, removed)")
     args = parser.parse_args(argv)
     params = Params(repayments=args.repayments, repeat_share=args.repeat_share,
                     concurrency=args.concurrency, kills=args.kills, seed=args.seed,
-                    callbacks=not args.no_callbacks, settle_s=args.settle_s)
+                    callbacks=not args.no_callbacks, settle_s=args.settle_s,
+                    lease_s=args.lease_s, reconcile_s=args.reconcile_s)
     schema = args.schema or f"e2e_{secrets.token_hex(4)}"
     with contextlib.ExitStack() as stack:
         workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory()))

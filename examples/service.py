@@ -33,6 +33,10 @@ Settings come from the environment, read when a worker starts:
                       under PostgreSQL's advisory lock, so workers starting together take
                       turns; 0: run `failover migrate URL` once per release instead
     FAILOVER_GRACE_S  seconds calls in the air get to answer on shutdown (default 10)
+    FAILOVER_LEASE_S  PostgreSQL: seconds a stopped worker's repayments wait before a live
+                      one takes them over (default 30; above every channel's timeout_s)
+    FAILOVER_RECONCILE_S  seconds between the background loop's reconciles of repayments
+                      waiting on a channel (default 60)
     FAILOVER_TIMEZONE the borrowers' time zone, for times in their texts
                       (default Asia/Shanghai)
     FAILOVER_ACCOUNT_KEYS  Fernet keys (comma-separated, the first encrypts): accounts
@@ -72,6 +76,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 import failover
 from failover.codec import KEYS_VARIABLE, FernetCodec
 from failover.events import Event, RepaymentAtRisk, RepaymentFailed, StructlogHook
+from failover.journal import is_dsn
 from failover.metrics import JournalCollector, PrometheusHook
 
 HERE = Path(__file__).resolve().parent
@@ -90,6 +95,8 @@ class Settings:
     migrate: bool = True
     grace_s: float = 10.0
     timezone: str = "Asia/Shanghai"
+    lease_s: float = 30.0
+    reconcile_s: float = 60.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -101,14 +108,18 @@ class Settings:
             migrate=environ.get("FAILOVER_MIGRATE", "1").lower() not in ("0", "false", "no"),
             grace_s=float(environ.get("FAILOVER_GRACE_S", default.grace_s)),
             timezone=environ.get("FAILOVER_TIMEZONE", default.timezone),
+            lease_s=float(environ.get("FAILOVER_LEASE_S", default.lease_s)),
+            reconcile_s=float(environ.get("FAILOVER_RECONCILE_S", default.reconcile_s)),
         )
 
     def open_journal(self) -> failover.Journal:
         # open_journal ignores schema and migrate for an SQLite file.  Accounts are
         # encrypted at rest when FAILOVER_ACCOUNT_KEYS holds Fernet keys.
         codec = FernetCodec.from_env() if os.environ.get(KEYS_VARIABLE) else None
-        return failover.open_journal(self.journal, migrate=self.migrate, schema=self.schema,
-                                     codec=codec)
+        if is_dsn(self.journal):
+            return failover.open_journal(self.journal, migrate=self.migrate,
+                                         schema=self.schema, codec=codec, lease_s=self.lease_s)
+        return failover.open_journal(self.journal, codec=codec)
 
 
 def event_log() -> StructlogHook:
@@ -311,7 +322,7 @@ def create_app(settings: Settings | None = None, *,
         # default only for PostgreSQL) reconciles, finds late collections and reminds.
         router = failover.Router.from_config(
             chosen.config, journal=journal, hooks=[event_log(), reminders, metrics],
-            background=True)
+            background=True, reconcile_every_s=chosen.reconcile_s)
         metrics.add_channels(router.channel_names)
         await router.open()  # recovers what a stopped worker left (its leases expire)
         app.state.router = router

@@ -4,9 +4,9 @@ both instances SIGKILLed mid-load and restarted, audited against the gateways' l
 
 The driver is ``examples/e2e.py`` (``python examples/e2e.py --journal URL`` runs it by
 hand, larger if asked); ``examples/gateways.toml`` is the service's configuration.
-Marked ``slow`` (40 to 75 s here: a killed instance's repayments wait out its 30 s lease,
-and what is left pending waits for a live instance's reconcile, every 60 s), so it runs
-in ``.ci/run``'s second step, not in the README's test command.
+Marked ``slow`` (about 20 s here: a killed instance's repayments wait out its lease, 10 s
+in this run, and what is left pending waits for a live instance's reconcile, every 5 s),
+so it runs in ``.ci/run``'s last step, not in the README's test command.
 """
 
 from __future__ import annotations
