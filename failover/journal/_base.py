@@ -429,6 +429,21 @@ class WriteStats:
                 logging.getLogger("failover.journal").exception("a batch observer failed")
 
 
+class WriteCounted:
+    """``batches`` and ``operations`` of a journal that keeps ``writes``."""
+
+    writes: WriteStats
+
+    @property
+    def batches(self) -> int:
+        """Transactions committed; with ``operations``, shows how well writes were grouped."""
+        return self.writes.batches
+
+    @property
+    def operations(self) -> int:
+        return self.writes.operations
+
+
 class SingleOwner:
     """Ownership for a journal one router owns whole: every repayment is its own."""
 

@@ -80,6 +80,7 @@ from failover.journal._base import (
     JournalStats,
     Record,
     Resolution,
+    WriteCounted,
     WriteStats,
     correction_json,
     corrections_from,
@@ -330,7 +331,7 @@ class _Op:
     key: str | None = None
 
 
-class PostgresJournal:
+class PostgresJournal(WriteCounted):
     """A journal in a PostgreSQL schema, shared by several router instances."""
 
     shared = True
@@ -397,15 +398,6 @@ class PostgresJournal:
         """Batches committed, operations in them, and observers of each batch's size and
         duration (``failover.metrics.JournalCollector`` adds one)."""
         self._sql = _Statements(schema)
-
-    @property
-    def batches(self) -> int:
-        """Transactions committed; with ``operations``, shows how well writes were grouped."""
-        return self.writes.batches
-
-    @property
-    def operations(self) -> int:
-        return self.writes.operations
 
     # ---- lifecycle -------------------------------------------------------------------
 

@@ -57,6 +57,7 @@ from failover.journal._base import (
     Record,
     Resolution,
     SingleOwner,
+    WriteCounted,
     WriteStats,
     correction_json,
     corrections_from,
@@ -264,7 +265,7 @@ def _outcome(value: str | None) -> Outcome | None:
     return None if value is None else Outcome(value)
 
 
-class SQLiteJournal(SingleOwner):
+class SQLiteJournal(SingleOwner, WriteCounted):
     """A journal in one SQLite file (created if missing)."""
 
     def __init__(
@@ -295,15 +296,6 @@ class SQLiteJournal(SingleOwner):
         self.writes = WriteStats()
         """Batches committed, operations in them, and observers of each batch's size and
         duration (``failover.metrics.JournalCollector`` adds one)."""
-
-    @property
-    def batches(self) -> int:
-        """Transactions committed; with ``operations``, shows how well writes were grouped."""
-        return self.writes.batches
-
-    @property
-    def operations(self) -> int:
-        return self.writes.operations
 
     # ---- lifecycle -------------------------------------------------------
 
