@@ -774,11 +774,7 @@ class SQLiteJournal(SingleOwner, WriteCounted):
         c = correction
 
         def op(conn: sqlite3.Connection) -> Record:
-            held = conn.execute("SELECT corrections FROM repayments WHERE key = ?",
-                                (key,)).fetchone()
-            if held is None:
-                raise UnknownRepayment(key)
-            kept = json.dumps([*json.loads(held[0] or "[]"), correction_json(c)])
+            kept = _with_correction(conn, key, c)
             row = conn.execute(
                 "UPDATE repayments SET status = ?, channel = ?, channel_reference = ?,"
                 " code = NULL, corrections = ?, updated_at = ? WHERE key = ? AND round = ?"
@@ -840,11 +836,7 @@ class SQLiteJournal(SingleOwner, WriteCounted):
         code = None if c.new_status is RepaymentStatus.SUCCEEDED else "resolved_by_operator"
 
         def op(conn: sqlite3.Connection) -> Record:
-            held = conn.execute("SELECT corrections FROM repayments WHERE key = ?",
-                                (key,)).fetchone()
-            if held is None:
-                raise UnknownRepayment(key)
-            kept = json.dumps([*json.loads(held[0] or "[]"), correction_json(c)])
+            kept = _with_correction(conn, key, c)
             row = conn.execute(
                 "UPDATE repayments SET status = ?, channel = ?, channel_reference = ?,"
                 " code = ?, pending_reason = NULL, pending_channel = NULL, corrections = ?,"
@@ -1065,3 +1057,11 @@ def _load_many(conn: sqlite3.Connection, keys: Sequence[str]) -> dict[str, Recor
         for row in conn.execute(
             f"SELECT {_RECORD_COLUMNS} FROM repayments WHERE key IN ({marks})", tuple(keys))
     }
+
+
+def _with_correction(conn: sqlite3.Connection, key: str, correction: Correction) -> str:
+    """The repayment's corrections (JSON) with ``correction`` added at the end."""
+    held = conn.execute("SELECT corrections FROM repayments WHERE key = ?", (key,)).fetchone()
+    if held is None:
+        raise UnknownRepayment(key)
+    return json.dumps([*json.loads(held[0] or "[]"), correction_json(correction)])
