@@ -59,6 +59,11 @@ Faults (``Faults.parse("latency_ms=20,error_5xx=0.05,maintenance=10:00-10:30")``
 The 429 and 5xx answers come before anything is applied, so here they mean nothing was
 collected; a real gateway makes no such promise for a 500 or a 502.
 
+A caller that goes away before the answer (its read timeout fires during ``latency_ms``,
+say) changes nothing: a payment or refund whose whole request arrived is decided and
+applied as if the caller had waited (the gateway had the request), and one whose body
+never arrived whole applies nothing.  Neither is logged as an error.
+
 Seeded: each request draws from its own stream, ``random.Random(f"{seed}/{kind}/
 {reference}/{n}")``, where ``n`` counts that reference's requests of that kind since the
 server started.  The same seed and the same requests give the same answers, and traffic
@@ -70,6 +75,9 @@ a reset, or late) or ``declined`` is posted there as ``{"reference", "status",
 "payment_id", "code"}`` with header ``X-Signature: sha256=<hex HMAC-SHA256 of the body
 under the secret>``.  An adapter checks them with ``verify_signature`` and reads them
 with ``parse_callback(secret, headers, body)``, which returns a ``failover.Callback``.
+Each is tried up to three times (0.2 s, then 0.4 s apart) while the receiver is away or
+answers 5xx, each try within 5 s.  While served, every callback goes through one httpx
+client, made at the first callback and closed when serving ends.
 
 The ledger is an SQLite file (WAL, ``synchronous=FULL``) that survives restarts; its
 ``collections`` and ``refunds`` tables are those of ``failover.testing.SQLiteLedger``,
@@ -100,7 +108,7 @@ from typing import Any, Literal
 import httpx
 import uvicorn
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -591,6 +599,14 @@ class _Invalid(ValueError):
         self.code, self.detail = code, detail
 
 
+async def _received(request: Request) -> bytes | None:
+    """The whole body, or ``None`` when the caller left before sending all of it."""
+    try:
+        return await request.body()
+    except ClientDisconnect:
+        return None
+
+
 def _body(raw: bytes) -> dict[str, Any]:
     try:
         data = json.loads(raw)
@@ -681,6 +697,12 @@ def _refund_body(answer: _RefundAnswer, payment: _Payment | None) -> dict[str, A
             "currency": payment.currency}
 
 
+def _gone() -> Response:
+    """The answer to a caller that left before its body arrived: never sent (uvicorn drops
+    what is sent after a disconnect), so nginx's "client closed request" is as good as any."""
+    return Response(status_code=499)
+
+
 class _Reset(Response):
     """No answer at all: the connection is reset, after the work was recorded."""
 
@@ -707,6 +729,13 @@ class _InProcessServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+def _new_callback_client() -> httpx.AsyncClient:
+    # No cap on connections, as when every delivery had its own client: a burst of
+    # callbacks must not wait for a pool slot (the 5 s would count against the try).
+    return httpx.AsyncClient(timeout=5, limits=httpx.Limits(max_connections=None,
+                                                            max_keepalive_connections=20))
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -760,6 +789,8 @@ class GatewaySim:
         self._requests: dict[tuple[str, str], int] = {}
         self._server: uvicorn.Server | None = None
         self._deliveries: set[asyncio.Task[None]] = set()
+        self._callbacks: httpx.AsyncClient | None = None
+        self._serving = False  # in the lifespan, which closes _callbacks at its end
         self.deliveries: list[Delivery] = []
         """Every callback sent, in the order their delivery ended."""
         self.app = Starlette(routes=[
@@ -843,7 +874,8 @@ class GatewaySim:
         return task, _url(sock)
 
     def _cut(self, scope: Scope) -> bool:
-        """Reset the connection ``scope`` came on (RST: linger 0, then abort)."""
+        """Reset the connection ``scope`` came on (RST: linger 0, then abort); true too
+        when the caller has already closed it.  False when not served by this sim."""
         client = scope.get("client")
         if self._server is None or client is None:
             return False
@@ -855,21 +887,32 @@ class GatewaySim:
                     raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 transport.abort()
                 return True
-        return False
+        # uvicorn forgets a connection once it is lost: the caller left first.
+        return True
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
         ticker = asyncio.create_task(self._tick())
+        self._serving = True
         try:
             yield
         finally:
-            ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ticker
-            if self._deliveries:
-                _, late = await asyncio.wait(set(self._deliveries), timeout=2)
-                for task in late:
-                    task.cancel()
+            self._serving = False
+            try:
+                ticker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ticker
+                if self._deliveries:
+                    _, late = await asyncio.wait(set(self._deliveries), timeout=2)
+                    for task in late:
+                        task.cancel()
+                    if late:  # let them stop using the client before it is closed
+                        await asyncio.wait(late)
+            finally:
+                # None again, so serving again (perhaps on another loop) makes a new one.
+                client, self._callbacks = self._callbacks, None
+                if client is not None:
+                    await client.aclose()
 
     async def _tick(self) -> None:
         """Apply late applications when they fall due (requests also apply them)."""
@@ -907,10 +950,14 @@ class GatewaySim:
         if not reference.strip():
             return _rejected("missing_idempotency_key", "send the Idempotency-Key header")
         decision = self._decide("payment", reference)
+        # Read before the latency: a caller whose read timeout fires while it is waited out
+        # has sent its whole request, and a real gateway would go on and apply it.
+        if (raw := await _received(request)) is None:
+            return _gone()
         if (refused := await self._refused(decision)) is not None:
             return refused
         try:
-            data = _body(await request.body())
+            data = _body(raw)
             repayment_key, account = _text(data, "repayment_key"), _text(data, "account")
             currency = _text(data, "currency")
             if currency not in MINOR_UNITS:
@@ -962,10 +1009,12 @@ class GatewaySim:
         if not refund_reference.strip():
             return _rejected("missing_idempotency_key", "send the Idempotency-Key header")
         decision = self._decide("refund", refund_reference)
+        if (raw := await _received(request)) is None:  # as for payments
+            return _gone()
         if (refused := await self._refused(decision)) is not None:
             return refused
         try:
-            data = _body(await request.body())
+            data = _body(raw)
             payment_id, reference = data.get("payment_id"), data.get("reference")
             if not isinstance(payment_id or reference, str):
                 raise _Invalid("invalid_request", "give payment_id or reference")
@@ -1042,7 +1091,7 @@ class GatewaySim:
         headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(self.secret, body)}
         answered: int | None = None
         attempts = 0
-        async with httpx.AsyncClient(timeout=5) as client:
+        async with self._callback_client() as client:
             # Three tries, 0.2 s then 0.4 s apart, while the receiver is away or fails.
             while attempts < 3 and (answered is None or answered >= 500):
                 if attempts:
@@ -1054,3 +1103,18 @@ class GatewaySim:
                 except httpx.HTTPError:
                     answered = None
         self.deliveries.append(Delivery(reference, status, answered, attempts))
+
+    @contextlib.asynccontextmanager
+    async def _callback_client(self) -> AsyncIterator[httpx.AsyncClient]:
+        """The client for one delivery: while serving, the one shared by every callback
+        (a new client loads SSL contexts, tens of milliseconds of CPU taken from the
+        service under test), made here on the serving loop and closed by the lifespan."""
+        if not self._serving:
+            # ``app`` served without its lifespan (another server, an ASGI transport):
+            # nothing would close a shared client, so this delivery has its own.
+            async with _new_callback_client() as client:
+                yield client
+            return
+        if self._callbacks is None:
+            self._callbacks = _new_callback_client()
+        yield self._callbacks

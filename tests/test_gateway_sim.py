@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import select
 import shlex
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,23 @@ class Receiver:
 @pytest.fixture
 def ledger(tmp_path: Path) -> Path:
     return tmp_path / "gateway.db"
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():  # noqa: ASYNC110 - the sim's ledger has no event to wait on
+            await asyncio.sleep(0.01)
+
+
+def troubles(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Every log record at WARNING or above, or carrying a traceback."""
+    return [f"{r.name} {r.levelname}: {r.getMessage()}" for r in caplog.records
+            if r.levelno >= logging.WARNING or r.exc_info]
+
+
+# The caller gives up (read timeout) well before the simulator answers.
+SLOW = "latency_ms=300,jitter=0"
+IMPATIENT = httpx.Timeout(5, read=0.05)
 
 
 async def test_a_repeated_key_collects_once(ledger):
@@ -224,6 +242,82 @@ async def test_a_refund_reset_after_apply_is_given_once(ledger):
     sim.close()
 
 
+@pytest.mark.parametrize("faults", [SLOW, SLOW + ",reset_after_apply=1"])
+async def test_a_payment_whose_caller_left_is_collected_once_without_a_traceback(
+        ledger, caplog, faults):
+    """A caller whose read timeout fires during the latency has sent its whole request:
+    the payment is collected (the gateway had it), once, and nothing is logged as an
+    error; its retry gets the answer."""
+    caplog.set_level(logging.INFO)
+    sim = GatewaySim("card", ledger, faults)
+    async with sim.serve() as url:
+        async with httpx.AsyncClient(base_url=url, timeout=IMPATIENT) as impatient:
+            with pytest.raises(httpx.ReadTimeout):
+                await pay(impatient, "ref-1")
+        await until(lambda: len(sim.collections()) == 1)
+        sim.faults = Faults()
+        async with httpx.AsyncClient(base_url=url) as client:
+            retried = await pay(client, "ref-1")
+
+    assert (200, "succeeded") == (retried.status_code, retried.json()["status"])
+    assert [("ref-1", retried.json()["payment_id"])] == [
+        (c.reference, c.channel_reference) for c in sim.collections()]
+    assert [] == troubles(caplog)
+    sim.close()
+
+
+async def test_a_refund_whose_caller_left_is_given_once_without_a_traceback(ledger, caplog):
+    """As for payments: a refund whose whole request arrived is given once, though its
+    caller left during the latency, and nothing is logged as an error."""
+    caplog.set_level(logging.INFO)
+    sim = GatewaySim("card", ledger)
+    async with client_of(sim) as client:
+        await pay(client, "ref-1")
+        sim.faults = Faults.parse(SLOW)
+        async with httpx.AsyncClient(base_url=client.base_url, timeout=IMPATIENT) as impatient:
+            with pytest.raises(httpx.ReadTimeout):
+                await refund(impatient, "rf-1", reference="ref-1", amount="1250.00")
+        await until(lambda: len(sim.refunds()) == 1)
+        sim.faults = Faults()
+        retried = await refund(client, "rf-1", reference="ref-1", amount="1250.00")
+
+    assert (200, "succeeded") == (retried.status_code, retried.json()["status"])
+    assert ["rf-1"] == [r.refund_reference for r in sim.refunds()]
+    assert [] == troubles(caplog)
+    sim.close()
+
+
+@pytest.mark.parametrize(("path", "order"), [
+    ("/payments", ORDER), ("/refunds", {"reference": "ref-0", "amount": "1250.00"})])
+async def test_a_caller_gone_before_its_body_arrived_applies_nothing(ledger, caplog, path,
+                                                                      order):
+    """A payment or refund whose body never arrived whole applies nothing and logs no
+    traceback; its key is still free for the whole request."""
+    caplog.set_level(logging.INFO)
+    body = json.dumps(order).encode()
+    sim = GatewaySim("card", ledger)
+    async with client_of(sim) as client:
+        await pay(client, "ref-0")
+        _, writer = await asyncio.open_connection(client.base_url.host, client.base_url.port)
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: sim\r\nIdempotency-Key: key-1\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                     "\r\n".encode() + body[:10])
+        await writer.drain()
+        await asyncio.sleep(0.1)  # the server has the head: the handler waits for the rest
+        writer.close()
+        await writer.wait_closed()
+        await asyncio.sleep(0.1)
+        unapplied = ([c.reference for c in sim.collections()], sim.refunds())
+        whole = await client.post(path, json=order, headers={"Idempotency-Key": "key-1"})
+
+    assert (["ref-0"], []) == unapplied
+    assert 200 == whole.status_code
+    assert ["ref-0", "key-1"] == ([c.reference for c in sim.collections()]
+                                  + [r.refund_reference for r in sim.refunds()])
+    assert [] == troubles(caplog)
+    sim.close()
+
+
 async def test_5xx_and_429_come_with_retry_after_and_collect_nothing(ledger):
     """error_5xx answers 500, 502 or 503 (some 503s with Retry-After: 1); rate_limit
     answers 429 with Retry-After: 1; neither collects."""
@@ -355,6 +449,58 @@ class CardAdapter:
 
     def parse_callback(self, headers: dict[str, str], body: bytes) -> failover.Callback:
         return parse_callback(self.secret, headers, body)
+
+
+def counting_clients(monkeypatch: pytest.MonkeyPatch) -> list[httpx.AsyncClient]:
+    """Every httpx.AsyncClient made from now on (the test makes its own with the class
+    it held before)."""
+    made: list[httpx.AsyncClient] = []
+
+    class Counted(httpx.AsyncClient):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(httpx, "AsyncClient", Counted)
+    return made
+
+
+async def test_callbacks_share_one_client_closed_when_the_server_stops(ledger, monkeypatch):
+    """Every callback while serving goes through one httpx client (a new one costs tens
+    of milliseconds of CPU), made at the first callback and closed when serving ends."""
+    plain, made = httpx.AsyncClient, counting_clients(monkeypatch)
+    receiver = Receiver()
+    async with receiver.serve() as hook:
+        sim = GatewaySim("card", ledger, "decline=0.5", seed=1, callback_url=hook)
+        async with sim.serve() as url, plain(base_url=url) as client:
+            for i in range(4):
+                await pay(client, f"ref-{i}")
+            await until(lambda: len(sim.deliveries) == 4)
+            open_while_serving = [c.is_closed for c in made]
+
+    assert [False] == open_while_serving
+    assert [True] == [c.is_closed for c in made]
+    assert {(204, 1)} == {(d.answered, d.attempts) for d in sim.deliveries}
+    assert {"succeeded", "declined"} == {d.status for d in sim.deliveries}
+    sim.close()
+
+
+async def test_a_sim_served_again_sends_callbacks_through_a_new_client(ledger, monkeypatch):
+    """Stopped and served again, the simulator makes a fresh client for its callbacks
+    (the first was closed) and closes that one too."""
+    plain, made = httpx.AsyncClient, counting_clients(monkeypatch)
+    receiver = Receiver()
+    async with receiver.serve() as hook:
+        sim = GatewaySim("card", ledger, callback_url=hook)
+        for serving in range(2):
+            async with sim.serve() as url, plain(base_url=url) as client:
+                for i in range(2):
+                    await pay(client, f"ref-{serving}-{i}")
+                await until(lambda n=2 * serving + 2: len(sim.deliveries) == n)
+
+    assert [True, True] == [c.is_closed for c in made]
+    assert [204] * 4 == [d.answered for d in sim.deliveries]
+    sim.close()
 
 
 async def test_the_ledger_survives_a_restart(ledger):
