@@ -43,6 +43,7 @@ from failover._models import (
     RepaymentStatus,
 )
 from failover._policy import invoke
+from failover.codec import PURGED
 from failover.config import RouterConfig
 from failover.events import (
     Event,
@@ -134,6 +135,10 @@ class Settlement:
     correction: Correction | None
     displaced: LateCheck | None
     refunds: tuple[LateCheck, ...]
+    uncertain: tuple[LateCheck, ...] = ()
+    """Collections that may be the one an operator's resolution names (same channel and
+    round, another channel reference): never refunded by the router, put on the
+    manual-refund list for a person who can tell."""
 
 
 def plan(record: Record, checks: Sequence[LateCheck], now: datetime,
@@ -170,6 +175,14 @@ def plan(record: Record, checks: Sequence[LateCheck], now: datetime,
                                   channel_reference=record.channel_reference)
     refunds = tuple(c for c in found if c.reference != kept
                     and c.refund not in (RefundState.REFUNDED, RefundState.MANUAL))
+    operator = record.corrections[-1].reason == "operator" if record.corrections else False
+    if operator and won is not None and kept == won[1]:
+        # The operator's evidence names the channel, and its reference is free text: a
+        # collection the router's own request made there may be that same money.
+        uncertain = tuple(c for c in refunds if c.channel == won[0] and c.round == won[2]
+                          and c.refund not in (RefundState.SENT, RefundState.UNKNOWN))
+        refunds = tuple(c for c in refunds if c not in uncertain)
+        return Settlement(kept, correction, displaced, refunds, uncertain)
     return Settlement(kept, correction, displaced, refunds)
 
 
@@ -211,9 +224,15 @@ class LateWork:
 
         async def work(check: LateCheck) -> None:
             async with gate:
-                # Moved meanwhile: the claim runs out and it comes back.
-                with contextlib.suppress(UnknownRepayment, TerminalStateError):
+                try:
                     await self._work(check, settings)
+                except (UnknownRepayment, TerminalStateError):
+                    pass  # moved meanwhile: the claim runs out and it comes back
+                except Exception:
+                    # One check never stops the others, nor the reminders: it comes back
+                    # when its claim runs out.
+                    _log.warning("late check of %s on %s failed", check.key, check.channel,
+                                 exc_info=True)
 
         await asyncio.gather(*(work(check) for check in due))
         if settings.at_risk_s:
@@ -322,6 +341,8 @@ class LateWork:
             return record
         for check in settlement.refunds:
             await self._refund(record, check)
+        for check in settlement.uncertain:
+            await self._manual(record, check, "may_be_the_operators_collection")
         # The kept collection needs no more work.
         for check in checks:
             if check.reference == settlement.kept and check.next_at is not None:
@@ -335,6 +356,11 @@ class LateWork:
         method = None if lane is None else getattr(lane.channel, "refund", None)
         now = self._clock.now()
         ref = refund_reference(check.reference)
+        if record.account == PURGED:
+            # Erased after the repayment ended (a provider reported this collection
+            # since): no channel is called without the account, so a person refunds it.
+            await self._manual(record, check, "account_erased")
+            return
         if check.refund in (RefundState.SENT, RefundState.UNKNOWN):
             # Sent before: what became of it is settled first, whatever changed since
             # (a refund that applied must never end on the manual list).

@@ -43,7 +43,7 @@ from failover._policy import Breaker, RetryBudget
 from failover._registry import Registry, drain
 from failover.config import RouterConfig
 from failover.events import Hook, emit
-from failover.journal._base import Journal
+from failover.journal._base import Journal, require_account
 
 __all__ = ["Router", "make_reference"]
 
@@ -391,7 +391,9 @@ class Router:
         """Start a new round for a ``FAILED`` repayment, with new channel references.
 
         Callers at the same time join one new round.  A repayment that is not
-        ``FAILED`` is returned as it stands (``SUCCEEDED`` is final)."""
+        ``FAILED`` is returned as it stands (``SUCCEEDED`` is final).  Raises
+        ``JournalError``, journaling nothing, when its account was erased by ``purge``
+        or cannot be decoded (no channel could be called)."""
         self._life.require_open()
         layout = self._channels.layout
 
@@ -409,6 +411,9 @@ class Router:
                         await self._journal.collected_late(check)
                 record = await self._late.settle(key)
             if record.status is RepaymentStatus.FAILED:
+                # Refused before the new round is journaled: a round that cannot call a
+                # channel would stay pending for good.
+                require_account(record)
                 try:
                     record = await self._journal.new_round(key, self._clock.now())
                 except TerminalStateError:

@@ -782,14 +782,15 @@ def _list(args: argparse.Namespace) -> int:
 # ---- resolve ----------------------------------------------------------------------------
 
 async def _channel_says(config_path: Path, record: Any, channel: str,
-                        reference: str) -> str:
-    """What ``channel``'s own status query says of ``reference`` (outcome value)."""
+                        reference: str) -> tuple[str, str | None]:
+    """What ``channel``'s own status query says of ``reference``: the outcome's value
+    and the channel reference it gives."""
     from failover._models import ChannelRequest
     from failover._policy import invoke
 
     config, adapters = _load_config(config_path)
     if channel not in config.channels:
-        return "not_configured"
+        return "not_configured", None
     adapter = next(a for a in adapters if a.name == channel)
     request = ChannelRequest(repayment_key=record.key, reference=reference,
                              account=record.account, amount=record.amount,
@@ -824,7 +825,7 @@ async def _channel_says(config_path: Path, record: Any, channel: str,
 
     answer = await invoke(ask, request, config.channels[channel].timeout_s,
                           config.channels[channel].outcome_map)
-    return answer.outcome.value
+    return answer.outcome.value, answer.channel_reference
 
 
 async def _resolve_data(target: _Target, args: argparse.Namespace) -> dict[str, Any]:
@@ -832,6 +833,7 @@ async def _resolve_data(target: _Target, args: argparse.Namespace) -> dict[str, 
 
     from failover._flow import make_reference
     from failover._models import Correction, RepaymentStatus
+    from failover.codec import account_usable
 
     journal = _open_journal(target, read_only=False)
     await journal.open()
@@ -852,20 +854,27 @@ async def _resolve_data(target: _Target, args: argparse.Namespace) -> dict[str, 
             if collected else None
         warnings: list[str] = []
         if args.config is not None:
-            if record.account.startswith("fernet:"):
-                warnings.append("accounts are encrypted and FAILOVER_ACCOUNT_KEYS is not set:"
-                                " the channels were not asked")
+            if not account_usable(record.account):
+                warnings.append("the account is encrypted and FAILOVER_ACCOUNT_KEYS is not"
+                                " set, or it was erased: the channels were not asked")
             elif collected:
                 assert ours is not None
-                said = await _channel_says(args.config, record, args.collected_by, ours)
+                said, theirs = await _channel_says(args.config, record, args.collected_by,
+                                                   ours)
                 if said != "succeeded":
                     warnings.append(f"{args.collected_by}'s own query says {said} for"
                                     f" {ours}, not succeeded")
+                elif theirs is not None and theirs != args.channel_reference:
+                    warnings.append(
+                        f"{args.collected_by}'s own query says succeeded for {ours} under"
+                        f" {theirs}, not {args.channel_reference}: the router will not"
+                        " refund it: it goes to the manual-refund list for someone to"
+                        " tell whether it is the same money")
             else:
                 for attempt in record.round_attempts():
                     if attempt.in_doubt:
-                        said = await _channel_says(args.config, record, attempt.channel,
-                                                   attempt.reference)
+                        said, _ = await _channel_says(args.config, record, attempt.channel,
+                                                      attempt.reference)
                         if said == "succeeded":
                             warnings.append(f"{attempt.channel}'s own query says succeeded"
                                             f" for {attempt.reference}: it collected")

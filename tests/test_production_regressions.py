@@ -309,3 +309,167 @@ def test_resolve_asks_a_hung_channel_no_longer_than_its_timeout(tmp_path, capsys
 
     assert 0 == code
     assert elapsed < 10, elapsed
+
+
+# -- the fourth review: purge, resolve and late collections ------------------------------
+
+
+def late_config(checks_s: tuple[float, ...] = (0,)) -> failover.RouterConfig:
+    return failover.RouterConfig.model_validate(
+        {"channels": {"card": {"priority": 1, "settle_s": 0, "retry": {"max_attempts": 1}},
+                      "wallet": {"priority": 2, "settle_s": 0}},
+         "late": {"checks_s": list(checks_s)}})
+
+
+async def test_a_collection_reported_after_purge_goes_to_the_manual_list(journal_of):
+    """A card request cleared by its query, the repayment collected by the wallet, its
+    account purged, then the card applies late and calls back: no refund can be sent
+    without the account, so it goes on the manual-refund list (it used to be journaled
+    "sent" with nothing sent, and every later sweep raised)."""
+    clock, ledger = FakeClock(), MemoryLedger()
+    card = ScriptedChannel("card", [ChannelResult.unknown("timeout")], ledger=ledger)
+    wallet = ScriptedChannel("wallet", ledger=ledger)
+    journal = journal_of()
+    async with failover.Router([card, wallet], journal, late_config(), clock=clock,
+                               background=False) as router:
+        ended = await router.repay(repayment(KEY, account=ACCOUNT))
+        await router.sweep()
+        clock.advance(10)
+        await router.sweep()  # the card's one re-query: NOT_FOUND, the watch cleared
+        clock.advance(86400)
+        assert 1 == await journal.purge_accounts(clock.now())
+        reference = card.requests[0].reference
+        ledger.record(Collection("card", reference, KEY, ended.amount, "card-late-1"))
+        await router.notify("card", reference, ChannelResult.succeeded("card-late-1"))
+        clock.advance(3600)
+        await router.sweep()
+        manual = await journal.late_checks(refund=failover.RefundState.MANUAL)
+
+    assert (RepaymentStatus.SUCCEEDED, "wallet") == (ended.status, ended.channel)
+    assert [("card", "account_erased")] == [(c.channel, c.refund_code) for c in manual]
+    assert [] == card.refund_requests
+    assert audit({KEY: ended}, [ledger], manual=[c.key for c in manual]).ok
+
+
+class FailingLoad(failover.SQLiteJournal):
+    """An SQLite journal whose reads of one key fail while ``failing`` is set."""
+
+    failing: str | None = None
+
+    async def load(self, key: str) -> Any:
+        if key == self.failing:
+            raise failover.JournalError(f"cannot read {key}")
+        return await super().load(key)
+
+
+async def test_one_failing_check_never_stops_the_sweep(tmp_path: Path):
+    """A check that fails (its repayment cannot be read) is logged and comes back; the
+    other repayment's check is worked in the same pass."""
+    clock = FakeClock()
+    card = ScriptedChannel("card", [ChannelResult.unknown("timeout")] * 2,
+                           queries=[ChannelResult.not_found()] * 4)
+    journal = FailingLoad(tmp_path / "journal.db")
+    async with failover.Router([card, ScriptedChannel("wallet")], journal,
+                               late_config((60,)), clock=clock, background=False) as router:
+        await router.repay(repayment("loan-a", account=ACCOUNT))
+        await router.repay(repayment("loan-b", account=ACCOUNT))
+        await router.sweep()  # the watches become checks
+        before = [r.repayment_key for r in card.query_requests]
+        journal.failing = "loan-a"
+        clock.advance(61)
+        await router.sweep()
+        asked = [r.repayment_key for r in card.query_requests][len(before):]
+        checks = {c.key: c.state for c in await journal.late_checks()}
+
+    assert ["loan-b"] == asked
+    assert {"loan-a": failover.LateState.WATCHING,
+            "loan-b": failover.LateState.CLEARED} == checks
+
+
+async def test_retry_refuses_a_purged_repayment_and_journals_nothing(tmp_path: Path):
+    """retry() of a FAILED repayment whose account was purged raises before the new
+    round is journaled (it used to leave a PENDING round nothing could end)."""
+    clock = FakeClock()
+    card = ScriptedChannel("card", [ChannelResult.declined("insufficient_funds")])
+    journal = failover.SQLiteJournal(tmp_path / "journal.db")
+    async with failover.Router([card], journal, clock=clock) as router:
+        failed = await router.repay(repayment(KEY, account=ACCOUNT))
+        clock.advance(86400)
+        assert 1 == await journal.purge_accounts(clock.now())
+        with pytest.raises(failover.JournalError, match="erased by purge"):
+            await router.retry(KEY)
+        record = await journal.load(KEY)
+        reconciled = await router.reconcile()
+
+    assert RepaymentStatus.FAILED == failed.status
+    assert record is not None
+    assert (RepaymentStatus.FAILED, 1, 1) == (record.status, record.round, len(card.requests))
+    assert [] == reconciled
+
+
+def test_resolve_under_the_operators_own_reference_never_refunds_the_collection(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """The primary collected but its answer was lost; the operator resolves "collected
+    by primary" with a bank statement's reference, not the gateway's.  The command warns
+    that the channel reports another reference, and the sweep puts the router's own
+    collection on the manual-refund list instead of refunding the only money kept."""
+    import json
+
+    from failover.cli import main
+    from failover.testing import FaultProfile, SimulatedChannel, SQLiteLedger
+
+    journal, ledger = tmp_path / "journal.db", tmp_path / "ledger.db"
+    config = tmp_path / "failover.toml"
+    config.write_text(f"""
+late = {{ checks_s = [0] }}
+[channels.primary]
+priority = 1
+settle_s = 0
+adapter = "failover.testing:SimulatedChannel"
+options = {{ idempotent = false, ledger = "{ledger}" }}
+[channels.backup]
+priority = 2
+adapter = "failover.testing:SimulatedChannel"
+options = {{ idempotent = true, ledger = "{ledger}" }}
+""")
+
+    def channels(profile: Any = None) -> list[Any]:
+        return [SimulatedChannel("primary", profile, idempotent=False,
+                                 ledger=SQLiteLedger(ledger)),
+                SimulatedChannel("backup", idempotent=True, ledger=SQLiteLedger(ledger))]
+
+    async def fill() -> failover.RepaymentResult:
+        lost = FaultProfile(unknown_collected=1.0, query_failure=1.0)
+        async with failover.Router(channels(lost), failover.SQLiteJournal(journal),
+                                   clock=FakeClock()) as router:
+            return await router.repay(repayment(KEY, account=ACCOUNT))
+
+    pending = asyncio.run(fill())
+    code = main(["resolve", KEY, "--journal", str(journal), "--collected-by", "primary",
+                 "--channel-reference", "BANK-STMT-0042", "--note", "seen on the statement",
+                 "--config", str(config), "--json"])
+    resolved = json.loads(capsys.readouterr().out)
+
+    async def sweep() -> tuple[failover.RepaymentResult, list[Any]]:
+        clock = FakeClock(datetime.now(UTC))  # the command stamps the wall clock
+        opened = failover.SQLiteJournal(journal)
+        async with failover.Router(channels(), opened, failover.RouterConfig.load(config),
+                                   clock=clock, background=False) as router:
+            for _ in range(4):
+                clock.advance(120)
+                await router.sweep()
+            return (await router.get(KEY),
+                    await opened.late_checks(refund=failover.RefundState.MANUAL))
+
+    final, manual = asyncio.run(sweep())
+    kept = SQLiteLedger(ledger)
+
+    assert failover.PendingReason.AWAITING_CHANNEL == pending.pending_reason
+    assert (0, "succeeded") == (code, resolved["status"])
+    assert ["primary's own query says succeeded"] \
+        == [w.split(" for ", 1)[0] for w in resolved["warnings"]]
+    assert (RepaymentStatus.SUCCEEDED, "BANK-STMT-0042") \
+        == (final.status, final.channel_reference)
+    assert [("primary", "may_be_the_operators_collection")] \
+        == [(c.channel, c.refund_code) for c in manual]
+    assert (1, 0) == (len(kept.collections()), len(kept.refunds()))
