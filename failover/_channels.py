@@ -84,10 +84,16 @@ def _refusal(lane: Lane, overrides: Overrides, amount: Decimal, currency: str,
         return ruled_out
     # An adapter may say it must not be called for a while (the httpx kit after a
     # Retry-After): passed over without a call, so nothing counts against its breaker.
-    paused = getattr(lane.channel, "paused_for", None)
-    if isinstance(paused, int | float) and paused > 0:
+    paused = paused_for(lane.channel)
+    if paused > 0:
         return PAUSED, f"the channel asked for a pause: {paused:.1f}s left"
     return None
+
+
+def paused_for(channel: Channel) -> float:
+    """The seconds an adapter's optional ``paused_for`` says it must not be called."""
+    paused = getattr(channel, "paused_for", None)
+    return float(paused) if isinstance(paused, int | float) and paused > 0 else 0.0
 
 
 def _configured(lane: Lane, overrides: Overrides, amount: Decimal, currency: str,

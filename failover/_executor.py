@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any, cast
 
 from failover._channel import Call as AdapterCall
-from failover._channels import Lane, Layout
+from failover._channels import Lane, Layout, paused_for
 from failover._clock import Clock
 from failover._errors import (
     IdempotencyConflict,
@@ -50,6 +50,7 @@ from failover._models import (
     ChannelRequest,
     ChannelResult,
     LateState,
+    Outcome,
     PendingReason,
     Repayment,
     RepaymentResult,
@@ -445,9 +446,10 @@ class Executor:
         event = action.event
         if isinstance(event, ChannelSkipped):
             # "maintenance: Sun 02:00-04:00 UTC" -> "maintenance", for the evidence report.
-            reason = drive.refused.get(event.channel, event.reason) \
-                if event.reason == "ineligible" else event.reason
-            drive.skips.append(Skip(event.channel, reason.split(":", 1)[0],
+            if event.reason == "ineligible":  # the reason found when the opening was chosen
+                event = dataclasses.replace(
+                    event, reason=drive.refused.get(event.channel, event.reason))
+            drive.skips.append(Skip(event.channel, event.reason.split(":", 1)[0],
                                     self._clock.now(), drive.record.round))
         self._emit(event)
         return Answer(self._clock.monotonic())
@@ -519,7 +521,11 @@ class Executor:
             lane.breaker.release(permit)
             self._remember_sent(action.reference)
             raise
-        lane.breaker.record(permit, failed=breaker_failure(result.outcome))
+        # UNAVAILABLE from a channel that asked for a pause (a Retry-After, or a call
+        # refused by the pause another call's answer set meanwhile) is not counted: the
+        # pause keeps it out for as long as it asked, which an open breaker would not.
+        lane.breaker.record(permit, failed=breaker_failure(result.outcome) and not (
+            result.outcome is Outcome.UNAVAILABLE and paused_for(lane.channel) > 0))
         if not running and result.outcome not in SETTLING_SUBMIT_OUTCOMES:
             self._remember_sent(action.reference)  # in doubt: settle_s counts from now
         if self._hooks:

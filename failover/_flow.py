@@ -319,8 +319,11 @@ def _pass(run: _Pass) -> Flow:
         tried = {a.channel for a in plan.attempts}
         names.sort(key=lambda name: name in tried)
     opening = plan.opening
-    previous: str | None = None
-    last_code: str | None = None
+    # A resumed round moves on from the channel it last tried (settled as not collected).
+    last = plan.attempts[-1] if plan.opening is None and plan.attempts else None
+    previous: str | None = last.channel if last is not None else None
+    last_code: str | None = None if last is None else (
+        last.code or (last.resolution or last.outcome or Outcome.UNKNOWN).value)
     called_any = False
     for name in names:
         number: int | None = None
@@ -338,7 +341,7 @@ def _pass(run: _Pass) -> Flow:
             if admitted.refusal is not None:
                 yield Emit(ChannelSkipped(plan.key, name, admitted.refusal))
                 continue
-        if previous is not None:
+        if previous is not None and previous != name:
             yield Emit(FailedOver(plan.key, previous, name, last_code or "failed"))
         called_any = True
         code = yield from _channel(run, plan.lanes[name], number)

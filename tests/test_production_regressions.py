@@ -473,3 +473,70 @@ options = {{ idempotent = true, ledger = "{ledger}" }}
     assert [("primary", "may_be_the_operators_collection")] \
         == [(c.channel, c.refund_code) for c in manual]
     assert (1, 0) == (len(kept.collections()), len(kept.refunds()))
+
+
+class Pausing(ScriptedChannel):
+    """Answers UNAVAILABLE and asks for a pause of ``pause_s`` on the fake clock (a 503
+    with Retry-After), as the httpx kit's ``paused_for`` does."""
+
+    def __init__(self, name: str, clock: FakeClock, pause_s: float) -> None:
+        super().__init__(name, [ChannelResult.unavailable("service_unavailable")] * 10)
+        self.clock, self.pause_s, self.until = clock, pause_s, 0.0
+
+    @property
+    def paused_for(self) -> float:
+        return max(0.0, self.until - self.clock.monotonic())
+
+    async def submit(self, request: failover.ChannelRequest) -> ChannelResult:
+        answer = await super().submit(request)
+        self.until = self.clock.monotonic() + self.pause_s
+        return answer
+
+
+async def test_an_answer_that_asks_for_a_pause_never_opens_the_breaker():
+    """UNAVAILABLE from a channel that then asks for a pause is not a breaker failure
+    (calls admitted before the pause began, refused by it, once opened the breaker for
+    its reset_timeout_s): the channel is tried again as soon as its pause has passed."""
+    clock = FakeClock()
+    gw, backup = Pausing("gw", clock, 5), ScriptedChannel("backup")
+    config = failover.RouterConfig.model_validate({"channels": {
+        "gw": {"priority": 1, "retry": {"max_attempts": 1},
+               "breaker": {"fail_max": 1, "reset_timeout_s": 600}},
+        "backup": {"priority": 2}}})
+    async with failover.Router([gw, backup], failover.MemoryJournal(), config,
+                               clock=clock) as router:
+        first = await router.repay(repayment("loan-1", account=ACCOUNT))
+        state = router.breaker("gw").state
+        clock.advance(6)
+        second = await router.repay(repayment("loan-2", account=ACCOUNT))
+
+    assert [("backup", ["gw", "backup"])] * 2 == [
+        (r.channel, [a.channel for a in r.attempts]) for r in (first, second)]
+    assert ("closed", 2) == (state, gw.submits)
+
+
+async def test_events_carry_the_real_skip_reason_and_every_failover():
+    """A new repayment's skips are told with their reason (once "ineligible" for all),
+    and a round resumed after a pending answer tells its move to the next channel."""
+    events: list[Any] = []
+    clock = FakeClock()
+    card = ScriptedChannel("card", [ChannelResult.unknown("timeout")],
+                           queries=[ChannelResult.unknown("busy")] * 3
+                           + [ChannelResult.not_found()])
+    config = failover.RouterConfig.model_validate({"channels": {
+        "card": {"priority": 1, "settle_s": 0, "retry": {"max_attempts": 1}},
+        "wallet": {"priority": 2}, "cash": {"priority": 0, "enabled": False}}})
+    async with failover.Router([card, ScriptedChannel("wallet"), ScriptedChannel("cash")],
+                               failover.MemoryJournal(), config, clock=clock,
+                               hooks=[events.append]) as router:
+        pending = await router.repay(repayment("loan-1", account=ACCOUNT))
+        [resumed] = await router.reconcile()
+
+    skips = [(e.channel, e.reason.split(":", 1)[0]) for e in events
+             if isinstance(e, failover.events.ChannelSkipped)]
+    moves = [(e.from_channel, e.to_channel) for e in events
+             if isinstance(e, failover.events.FailedOver)]
+    assert (RepaymentStatus.PENDING, RepaymentStatus.SUCCEEDED, "wallet") \
+        == (pending.status, resumed.status, resumed.channel)
+    assert ("cash", "disabled") == skips[0]
+    assert [("card", "wallet")] == moves
