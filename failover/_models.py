@@ -393,6 +393,10 @@ class Callback:
     result: ChannelResult
 
 
+MAX_OVERRIDE_S = 366 * 86400.0
+"""The longest an operator's switch may last: every switch ends by itself."""
+
+
 @dataclass(frozen=True, slots=True)
 class Override:
     """An operator's switch of one channel, shared by every instance through the journal

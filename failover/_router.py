@@ -30,6 +30,7 @@ from failover._flow import make_reference
 from failover._late import LateWork, late_settings, watch_list, winner
 from failover._lifecycle import Background, Lifecycle
 from failover._models import (
+    MAX_OVERRIDE_S,
     Callback,
     ChannelResult,
     LateState,
@@ -269,8 +270,9 @@ class Router:
         other instances read it within their ``sweep_every_s``."""
         self._life.require_open()
         self._channels.check_preference([channel])
-        if for_s <= 0:
-            raise ValueError(f"for_s must be positive, got {for_s}")
+        if not 0 < for_s <= MAX_OVERRIDE_S:
+            raise ValueError(f"for_s must be above 0 and at most {MAX_OVERRIDE_S:.0f}"
+                             f" (366 days), got {for_s}")
         now = self._clock.now()
         switch = Override(channel, enabled, now + timedelta(seconds=for_s), reason, by, now)
         await self._journal.set_override(switch)

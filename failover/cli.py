@@ -196,14 +196,17 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 def _duration(text: str) -> float:
     """``90s``, ``30m``, ``2h``, ``1d`` (or plain seconds) as seconds."""
+    from failover._models import MAX_OVERRIDE_S
+
     unit = text[-1:].lower()
     number = text[:-1] if unit in _UNITS else text
     try:
         seconds = float(number) * _UNITS.get(unit, 1)
     except ValueError:
         raise _Abort(f"--for: not a duration such as 90s, 30m, 2h or 1d: {text!r}") from None
-    if seconds <= 0:
-        raise _Abort(f"--for: must be positive, got {text!r}")
+    if not 0 < seconds <= MAX_OVERRIDE_S:  # NaN fails both
+        raise _Abort(f"--for: must be above 0 and at most 366d (a switch ends by itself),"
+                     f" got {text!r}")
     return seconds
 
 

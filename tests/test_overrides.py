@@ -165,6 +165,19 @@ def test_the_command_refuses_bad_switches(tmp_path: Path, capsys):
     assert 2 == main(["channels", "--journal", str(path), "--disable", "card",
                       "--enable", "card", "--for", "1h", "--reason", "x"])
     assert "one of" in capsys.readouterr().err
+    for endless in ("inf", "nan", "1e12d", "367d", "0"):
+        assert 2 == main(["channels", "--journal", str(path), "--disable", "card",
+                          "--for", endless, "--reason", "x"]), endless
+        assert "at most 366d" in capsys.readouterr().err
+
+
+async def test_a_switch_must_end(clock):
+    """Router.override refuses a switch that never ends (or ends before it starts)."""
+    async with failover.Router([ScriptedChannel("card")], failover.MemoryJournal(),
+                               clock=clock) as router:
+        for endless in (float("inf"), float("nan"), 367 * 86400.0, 0.0):
+            with pytest.raises(ValueError, match="for_s"):
+                await router.override("card", enabled=False, for_s=endless, reason="x")
 
 
 async def _empty(path: Path) -> None:
