@@ -57,6 +57,7 @@ from failover._models import (
     RepaymentStatus,
     Skip,
     _mask,
+    scrubbed,
 )
 from failover._policy import Permit, RetryBudget, answer_of, breaker_failure, invoke
 from failover.events import (
@@ -131,19 +132,6 @@ class _Drive:
             repayment_key=record.key, reference=reference, account=record.account,
             amount=record.amount, currency=record.currency, metadata=record.metadata,
         )
-
-
-def scrubbed(result: ChannelResult, account: str) -> ChannelResult:
-    """``result`` with the account masked wherever an adapter put it (an exception's
-    text, a provider's message): an answer is journaled, and the journal holds no
-    account number but the repayment's own field (encrypted with a codec)."""
-    if len(account) < 4 or not any(account in (text or "") for text in
-                                   (result.detail, result.code)):
-        return result
-    masked = _mask(account)
-    return dataclasses.replace(
-        result, detail=None if result.detail is None else result.detail.replace(account, masked),
-        code=None if result.code is None else result.code.replace(account, masked))
 
 
 class Executor:
@@ -524,6 +512,7 @@ class Executor:
         # UNAVAILABLE from a channel that asked for a pause (a Retry-After, or a call
         # refused by the pause another call's answer set meanwhile) is not counted: the
         # pause keeps it out for as long as it asked, which an open breaker would not.
+        result = scrubbed(result, drive.record.account)  # before any event or record
         lane.breaker.record(permit, failed=breaker_failure(result.outcome) and not (
             result.outcome is Outcome.UNAVAILABLE and paused_for(lane.channel) > 0))
         if not running and result.outcome not in SETTLING_SUBMIT_OUTCOMES:
@@ -643,6 +632,7 @@ class Executor:
             query = cast(AdapterCall, lane.channel.query)  # async: no runner
             result = await invoke(query, request, lane.config.timeout_s,
                                   lane.config.outcome_map, self._clock)
+        result = scrubbed(result, drive.record.account)
         sent_by = None
         if lane.runner is not None:
             running = running or lane.runner.running(action.reference)

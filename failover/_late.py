@@ -41,6 +41,7 @@ from failover._models import (
     Outcome,
     RefundState,
     RepaymentStatus,
+    scrubbed,
 )
 from failover._policy import invoke
 from failover.codec import PURGED
@@ -447,7 +448,8 @@ class LateWork:
             async def call(_: ChannelRequest) -> Any:
                 return await method(*args)
 
-        return await invoke(call, request, lane.config.timeout_s, codes, self._clock)
+        answer = await invoke(call, request, lane.config.timeout_s, codes, self._clock)
+        return scrubbed(answer, request.account)  # its code is journaled with the check
 
     # ---- reminders ---------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import unicodedata
 from collections.abc import Mapping
@@ -412,3 +413,16 @@ class Override:
 
     def active(self, now: datetime) -> bool:
         return now < self.until
+
+
+def scrubbed(result: ChannelResult, account: str) -> ChannelResult:
+    """``result`` with the account masked wherever an adapter put it (an exception's
+    text, a provider's message): an answer is journaled, and the journal holds no
+    account number but the repayment's own field (encrypted with a codec)."""
+    if len(account) < 4 or not any(account in (text or "") for text in
+                                   (result.detail, result.code)):
+        return result
+    masked = _mask(account)
+    return dataclasses.replace(
+        result, detail=None if result.detail is None else result.detail.replace(account, masked),
+        code=None if result.code is None else result.code.replace(account, masked))

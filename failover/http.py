@@ -102,7 +102,7 @@ import httpx
 from failover._clock import Clock, SystemClock
 from failover._errors import ChannelUnavailable
 from failover._late import REFUND_SUFFIX
-from failover._models import Callback, ChannelRequest, ChannelResult, Outcome
+from failover._models import Callback, ChannelRequest, ChannelResult, Outcome, scrubbed
 from failover._policy import answer_of
 
 __all__ = [
@@ -582,11 +582,8 @@ class HttpChannel(abc.ABC):
 
     def _done(self, operation: Operation, request: ChannelRequest, status: int | None,
               result: ChannelResult) -> ChannelResult:
-        account = request.account
-        # A short account would mask unrelated text: four characters show anyway.
-        if result.detail and len(account) > 4 and account in result.detail:
-            result = ChannelResult(result.outcome, result.channel_reference, result.code,
-                                   result.detail.replace(account, request.masked_account))
+        # The gateway's own code or message may echo the account: masked in both.
+        result = scrubbed(result, request.account)
         # A call that moves money and ends in doubt is worth a warning; a status query
         # that cannot tell yet is routine.
         doubt = result.outcome is Outcome.UNKNOWN and operation in _ACTING

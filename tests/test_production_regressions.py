@@ -540,3 +540,25 @@ async def test_events_carry_the_real_skip_reason_and_every_failover():
         == (pending.status, resumed.status, resumed.channel)
     assert ("cash", "disabled") == skips[0]
     assert [("card", "wallet")] == moves
+
+
+async def test_an_account_a_channel_echoes_in_its_code_is_masked_everywhere(tmp_path: Path):
+    """A provider that puts the account in its answer's code (a submit's, a query's):
+    the events, the pending code and the journal file never hold it."""
+    events: list[Any] = []
+    echo = f"account_{ACCOUNT}_busy"
+    card = ScriptedChannel("card", [ChannelResult.unknown(echo, f"for {ACCOUNT}")],
+                           queries=[ChannelResult.unknown(echo)] * 3)
+    path = tmp_path / "journal.db"
+    config = failover.RouterConfig.model_validate(
+        {"channels": {"card": {"settle_s": 0, "retry": {"max_attempts": 1}}}})
+    async with failover.Router([card], failover.SQLiteJournal(path, codec=FernetCodec(
+            [FernetCodec.generate_key()])), config, clock=FakeClock(),
+            hooks=[events.append]) as router:
+        pending = await router.repay(repayment(KEY, account=ACCOUNT))
+
+    assert RepaymentStatus.PENDING == pending.status
+    assert ACCOUNT not in repr(events)
+    assert ACCOUNT not in (pending.code or "") + repr(pending.attempts)
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
+    assert ACCOUNT.encode() not in raw
