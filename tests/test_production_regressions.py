@@ -83,7 +83,9 @@ async def test_an_encrypted_journal_opened_without_its_codec_calls_no_channel(jo
 
 async def test_an_operators_collection_leaves_the_routers_own_attempt_watched(tmp_path):
     """Resolved by hand as collected at the counter; the router's own attempt on that
-    channel, still in doubt, applies later: it is found and refunded."""
+    channel, still in doubt, applies later: it is found, and put on the manual-refund
+    list, never refunded by the router (the operator's reference is free text: it may
+    be the same money, and refunding the only collection is never right)."""
     from failover.cli import main
 
     path = tmp_path / "journal.db"
@@ -110,10 +112,16 @@ async def test_an_operators_collection_leaves_the_routers_own_attempt_watched(tm
                                clock=clock) as router:
         await router.sweep()
         result = await router.get(KEY)
+        late = await router.get_late(KEY)
 
+    assert late is not None
+    manual = late.late
     assert ("succeeded", "BC-99812") == (result.status.value, result.channel_reference)
-    assert [pending.attempts[0].reference] == [r.reference for r in ledger.refunds()]
-    assert audit({KEY: result}, [ledger]).ok
+    assert [] == ledger.refunds()
+    assert [(pending.attempts[0].reference, "may_be_the_operators_collection")] \
+        == [(c.reference, c.refund_code) for c in manual
+            if c.refund is failover.RefundState.MANUAL]
+    assert audit({KEY: result}, [ledger], manual=[KEY]).ok
 
 
 async def test_the_same_collection_reported_by_the_operator_is_not_refunded(tmp_path):
