@@ -16,7 +16,8 @@ with HMAC-SHA256, from ``cryptography``) under keys from the environment::
 encrypts, every key decrypts.  To rotate, put a new key first and keep the old ones
 after it; restart the service; accounts written from then on use the new key.  An old
 key may be dropped once every repayment encrypted with it has ended and its account
-was erased (``failover purge --before DATE``), or was re-encrypted (``rotate``).  A
+was erased (``failover purge --before DATE``); nothing re-encrypts the rows already
+written (``rotate(stored)`` re-encrypts one value, for a migration of one's own).  A
 stored account no key can decrypt is a ``JournalError`` naming the repayment, never a
 silent wrong value.
 
