@@ -509,12 +509,16 @@ class Executor:
             lane.breaker.release(permit)
             self._remember_sent(action.reference)
             raise
-        # UNAVAILABLE from a channel that asked for a pause (a Retry-After, or a call
-        # refused by the pause another call's answer set meanwhile) is not counted: the
-        # pause keeps it out for as long as it asked, which an open breaker would not.
         result = scrubbed(result, drive.record.account)  # before any event or record
-        lane.breaker.record(permit, failed=breaker_failure(result.outcome) and not (
-            result.outcome is Outcome.UNAVAILABLE and paused_for(lane.channel) > 0))
+        if result.outcome is Outcome.UNAVAILABLE and paused_for(lane.channel) > 0:
+            # From a channel that asked for a pause (a Retry-After, or a call refused by
+            # the pause another call's answer set meanwhile): neither a failure nor a
+            # success.  The pause keeps it out for as long as it asked, which an open
+            # breaker would not; a success would reset the failures and close a
+            # half-open breaker.
+            lane.breaker.release(permit)
+        else:
+            lane.breaker.record(permit, failed=breaker_failure(result.outcome))
         if not running and result.outcome not in SETTLING_SUBMIT_OUTCOMES:
             self._remember_sent(action.reference)  # in doubt: settle_s counts from now
         if self._hooks:

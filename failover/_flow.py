@@ -246,6 +246,9 @@ class _Pass:
     now: float
     deadline: float
     refused: set[str] = field(default_factory=set)
+    settled: tuple[str, str] | None = None
+    """The last channel whose doubt this pass settled as not collected, and why: where a
+    resumed round fails over from."""
 
     def late(self) -> bool:
         return self.now >= self.deadline
@@ -282,6 +285,7 @@ def repayment_flow(plan: Plan) -> Flow:
         verdict, answer = yield from _settle(run, doubt.channel, doubt.reference, doubt.since)
         if (yield from _after_settling(run, doubt.channel, doubt.reference, verdict, answer)):
             return
+        run.settled = (doubt.channel, answer.code or answer.outcome.value)
 
     yield from _pass(run)
 
@@ -320,10 +324,12 @@ def _pass(run: _Pass) -> Flow:
         names.sort(key=lambda name: name in tried)
     opening = plan.opening
     # A resumed round moves on from the channel it last tried (settled as not collected).
-    last = plan.attempts[-1] if plan.opening is None and plan.attempts else None
-    previous: str | None = last.channel if last is not None else None
-    last_code: str | None = None if last is None else (
-        last.code or (last.resolution or last.outcome or Outcome.UNKNOWN).value)
+    previous, last_code = run.settled or (None, None)
+    if previous is None and plan.opening is None and plan.attempts:
+        last = plan.attempts[-1]
+        previous = last.channel
+        last_code = last.resolution.value if last.resolution is not None else (
+            last.code or (last.outcome or Outcome.UNKNOWN).value)
     called_any = False
     for name in names:
         number: int | None = None

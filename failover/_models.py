@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -417,12 +418,19 @@ class Override:
 
 def scrubbed(result: ChannelResult, account: str) -> ChannelResult:
     """``result`` with the account masked wherever an adapter put it (an exception's
-    text, a provider's message): an answer is journaled, and the journal holds no
-    account number but the repayment's own field (encrypted with a codec)."""
-    if len(account) < 4 or not any(account in (text or "") for text in
-                                   (result.detail, result.code)):
+    text, a provider's message), as written or grouped (``6222 0212 3456 7890``,
+    ``62220212-34567890``): an answer is journaled, and the journal holds no account
+    number but the repayment's own field (encrypted with a codec)."""
+    texts = (result.detail, result.code)
+    if len(account) < 4 or not any(texts):
+        return result
+    # Each character of the account, with at most one space, dash or dot between two.
+    pattern = re.compile(r"[\s.\-]?".join(re.escape(c) for c in account))
+    if not any(text and pattern.search(text) for text in texts):
         return result
     masked = _mask(account)
-    return dataclasses.replace(
-        result, detail=None if result.detail is None else result.detail.replace(account, masked),
-        code=None if result.code is None else result.code.replace(account, masked))
+
+    def mask(text: str | None) -> str | None:
+        return None if text is None else pattern.sub(lambda _: masked, text)
+
+    return dataclasses.replace(result, detail=mask(result.detail), code=mask(result.code))

@@ -50,15 +50,17 @@ __all__ = ["Router", "make_reference"]
 
 _log = logging.getLogger("failover")
 
-def _check_lease(journal: Journal, config: RouterConfig) -> None:
+def _check_lease(journal: Journal, config: RouterConfig, names: Iterable[str]) -> None:
     """On a shared journal a call must end before its owner's lease can: every channel's
-    ``timeout_s`` plus the journal's margin must fit in ``lease_s``."""
+    ``timeout_s`` (its entry's, or the default for a channel the file does not name)
+    plus the journal's margin must fit in ``lease_s``."""
     lease_s = getattr(journal, "lease_s", None)
     margin_s = getattr(journal, "margin_s", 0.0)
     if lease_s is None:
         return
-    for name, channel in config.channels.items():
-        if channel.timeout_s + margin_s >= lease_s:
+    for name in dict.fromkeys([*config.channels, *names]):
+        channel = config.channel(name)
+        if not channel.timeout_s + margin_s < lease_s:  # NaN fails too
             raise ConfigError(
                 f"the journal's lease_s ({lease_s:g} s) must exceed channels.{name}.timeout_s"
                 f" ({channel.timeout_s:g} s) plus a margin of {margin_s:g} s")
@@ -96,11 +98,11 @@ class Router:
         if background is None:
             background = bool(getattr(journal, "shared", False))
         config = config or RouterConfig()
-        _check_lease(journal, config)
         self._journal = journal
         self._clock: Clock = clock or SystemClock()
         hooks = tuple(hooks)
         self._channels = ChannelSet(channels, config, self._clock, hooks)
+        _check_lease(journal, config, self._channels.layout.lanes)
         self._budget = RetryBudget(config.retry_budget, self._clock)
         self._registry = Registry()
         self._executor = Executor(journal, self._clock, hooks, self._budget,
@@ -140,7 +142,7 @@ class Router:
 
         Repayments in flight finish under the configuration they started with;
         breakers keep their state."""
-        _check_lease(self._journal, config)
+        _check_lease(self._journal, config, self._channels.layout.lanes)
         self._channels.reconfigure(config)
         self._budget.reconfigure(config.retry_budget)
 

@@ -542,12 +542,17 @@ async def test_events_carry_the_real_skip_reason_and_every_failover():
 
     skips = [(e.channel, e.reason.split(":", 1)[0]) for e in events
              if isinstance(e, failover.events.ChannelSkipped)]
-    moves = [(e.from_channel, e.to_channel) for e in events
+    moves = [(e.from_channel, e.to_channel, e.reason) for e in events
              if isinstance(e, failover.events.FailedOver)]
     assert (RepaymentStatus.PENDING, RepaymentStatus.SUCCEEDED, "wallet") \
         == (pending.status, resumed.status, resumed.channel)
     assert ("cash", "disabled") == skips[0]
-    assert [("card", "wallet")] == moves
+    assert [("card", "wallet", "not_found")] == moves  # what the query settled, not the submit's
+
+
+def every_byte(directory: Path) -> bytes:
+    """The files of ``directory`` (a journal and its -wal, -shm), concatenated."""
+    return b"".join(p.read_bytes() for p in directory.iterdir() if p.is_file())
 
 
 async def test_an_account_a_channel_echoes_in_its_code_is_masked_everywhere(tmp_path: Path):
@@ -555,8 +560,9 @@ async def test_an_account_a_channel_echoes_in_its_code_is_masked_everywhere(tmp_
     the events, the pending code and the journal file never hold it."""
     events: list[Any] = []
     echo = f"account_{ACCOUNT}_busy"
-    card = ScriptedChannel("card", [ChannelResult.unknown(echo, f"for {ACCOUNT}")],
-                           queries=[ChannelResult.unknown(echo)] * 3)
+    grouped = " ".join(ACCOUNT[i:i + 4] for i in range(0, len(ACCOUNT), 4))
+    card = ScriptedChannel("card", [ChannelResult.unknown(echo, f"for {grouped}")],
+                           queries=[ChannelResult.unknown(f"{ACCOUNT[:8]}-{ACCOUNT[8:]}")] * 3)
     path = tmp_path / "journal.db"
     config = failover.RouterConfig.model_validate(
         {"channels": {"card": {"settle_s": 0, "retry": {"max_attempts": 1}}}})
@@ -566,7 +572,65 @@ async def test_an_account_a_channel_echoes_in_its_code_is_masked_everywhere(tmp_
         pending = await router.repay(repayment(KEY, account=ACCOUNT))
 
     assert RepaymentStatus.PENDING == pending.status
-    assert ACCOUNT not in repr(events)
-    assert ACCOUNT not in (pending.code or "") + repr(pending.attempts)
-    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
-    assert ACCOUNT.encode() not in raw
+    seen = repr(events) + (pending.code or "") + repr(pending.attempts)
+    raw = every_byte(tmp_path)
+    for form in (ACCOUNT, grouped, f"{ACCOUNT[:8]}-{ACCOUNT[8:]}"):
+        assert form not in seen
+        assert form.encode() not in raw
+
+
+class Answering(ScriptedChannel):
+    """Answers from a script of (result, pause asked for, in seconds on the fake clock),
+    exposing ``paused_for`` as the httpx kit does."""
+
+    def __init__(self, name: str, clock: FakeClock,
+                 script: list[tuple[ChannelResult, float]]) -> None:
+        super().__init__(name, [answer for answer, _ in script])
+        self.clock, self.pauses, self.until = clock, [p for _, p in script], 0.0
+
+    @property
+    def paused_for(self) -> float:
+        return max(0.0, self.until - self.clock.monotonic())
+
+    async def submit(self, request: failover.ChannelRequest) -> ChannelResult:
+        pause = self.pauses[self.submits] if self.submits < len(self.pauses) else 0.0
+        answer = await super().submit(request)
+        if pause:
+            self.until = self.clock.monotonic() + pause
+        return answer
+
+
+async def test_an_answer_asking_for_a_pause_is_not_a_success_either():
+    """A half-open breaker whose trial is answered 503 + Retry-After stays half-open (a
+    success once closed it), and such answers never reset the failures counted before."""
+    clock = FakeClock()
+    refused, busy = ChannelResult.unavailable("connect_error"), \
+        ChannelResult.unavailable("service_unavailable")
+    gw = Answering("gw", clock, [(refused, 0), (busy, 5), (refused, 0)])
+    config = failover.RouterConfig.model_validate({"channels": {
+        "gw": {"priority": 1, "retry": {"max_attempts": 1},
+               "breaker": {"fail_max": 1, "reset_timeout_s": 10}},
+        "backup": {"priority": 2}}})
+    async with failover.Router([gw, ScriptedChannel("backup")], failover.MemoryJournal(),
+                               config, clock=clock) as router:
+        await router.repay(repayment("loan-1", account=ACCOUNT))
+        opened = router.breaker("gw").state
+        clock.advance(11)
+        await router.repay(repayment("loan-2", account=ACCOUNT))  # the trial: 503, pause
+        after_trial = router.breaker("gw").state
+        clock.advance(6)
+        await router.repay(repayment("loan-3", account=ACCOUNT))  # a new trial: refused
+        states = (opened, after_trial, router.breaker("gw").state)
+
+    assert ("open", "half-open", "open") == states
+    assert 3 == gw.submits
+
+
+def test_the_lease_covers_channels_the_config_does_not_name():
+    """A channel with no entry in the config has the default timeout_s, which the
+    journal's lease must exceed too (a repayment was once accepted, then refused every
+    call for it and stayed pending)."""
+    journal = failover.PostgresJournal(pg.require(), schema="unused", lease_s=5)
+
+    with pytest.raises(failover.ConfigError, match=r"channels\.card\.timeout_s"):
+        failover.Router([ScriptedChannel("card")], journal)
