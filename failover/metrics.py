@@ -247,19 +247,23 @@ class JournalCollector:
     Read at each scrape, without I/O, from an SQLite or PostgreSQL journal's own counters
     (a ``MemoryJournal`` has none, and they are absent):
 
-    - ``failover_journal_batches_total``: transactions committed by this process;
-    - ``failover_journal_operations_total``: operations in them.  Operations per batch
-      over a window is ``rate(operations) / rate(batches)``;
+    - ``failover_journal_batches_total``: write transactions committed by this process;
+    - ``failover_journal_operations_total``: the operations in them that wrote.
+      Operations per batch over a window is ``rate(operations) / rate(batches)``;
     - ``failover_journal_operations_per_batch``: the same since the journal opened.
 
-    Observed as each transaction commits (the collector adds an observer to the
+    Observed as each write transaction commits (the collector adds an observer to the
     journal's ``writes``), from the collector's creation on:
 
-    - ``failover_journal_write_duration_seconds``: a histogram of how long each
+    - ``failover_journal_write_duration_seconds``: a histogram of how long each write
       transaction took, from its start to its commit (``WRITE_BUCKETS``); a repayment's
       write waits about this long once its batch has begun;
-    - ``failover_journal_batch_operations``: a histogram of operations per transaction
-      (``BATCH_BUCKETS``).
+    - ``failover_journal_batch_operations``: a histogram of operations that wrote per
+      write transaction (``BATCH_BUCKETS``).
+
+    Reads go through the journal's writer too (``refresh()``'s own four, ``load``, the
+    background loop's scans) but a transaction in which nothing wrote is neither counted
+    nor observed: scrapes never move these figures.  (See ``WriteStats``.)
     """
 
     def __init__(self, journal: Journal, *, registry: CollectorRegistry | None = None,
@@ -274,11 +278,12 @@ class JournalCollector:
         writes = getattr(journal, "writes", None)
         if isinstance(writes, WriteStats):
             duration = self.write_duration = Histogram(
-                "journal_write_duration_seconds", "Time a journal transaction took, from"
-                " its start to its commit.", namespace=namespace, registry=self.registry,
+                "journal_write_duration_seconds", "Time a journal write transaction took,"
+                " from its start to its commit.", namespace=namespace, registry=self.registry,
                 buckets=WRITE_BUCKETS)
             size = self.batch_operations = Histogram(
-                "journal_batch_operations", "Operations committed per journal transaction.",
+                "journal_batch_operations", "Operations that wrote, per committed journal"
+                " write transaction.",
                 namespace=namespace, registry=self.registry, buckets=BATCH_BUCKETS)
 
             def observe(operations: int, seconds: float) -> None:
@@ -315,11 +320,10 @@ class JournalCollector:
         batches = getattr(self.journal, "batches", None)
         operations = getattr(self.journal, "operations", None)
         if isinstance(batches, int) and isinstance(operations, int):
-            yield CounterMetricFamily(f"{p}journal_batches", "Journal transactions"
+            yield CounterMetricFamily(f"{p}journal_batches", "Journal write transactions"
                                       " committed by this process.", value=batches)
-            yield CounterMetricFamily(f"{p}journal_operations", "Journal operations"
-                                      " committed by this process, in those batches.",
-                                      value=operations)
+            yield CounterMetricFamily(f"{p}journal_operations", "Journal operations that"
+                                      " wrote, in those batches.", value=operations)
             if batches:
                 yield GaugeMetricFamily(f"{p}journal_operations_per_batch", "Mean journal"
                                         " operations per batch since the journal opened.",

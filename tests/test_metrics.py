@@ -3,7 +3,9 @@ traffic by parsing the text format a scrape gets."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+import asyncio
+import threading
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import failover
 from failover import ChannelResult, RepaymentStatus
 from failover.events import BreakerClosed, BreakerHalfOpened, BreakerOpened
+from failover.journal._base import WriteStats
 from failover.metrics import BreakerState, JournalCollector, PrometheusHook
 from failover.testing import Collected, FakeClock, MemoryLedger, ScriptedChannel
 
@@ -286,6 +289,126 @@ async def test_a_failing_batch_observer_never_stops_the_writer(tmp_path: Path,
         second = await router.repay(repayment("loan-2"))
 
     assert [RepaymentStatus.SUCCEEDED] * 2 == [first.status, second.status]
+
+
+@pytest.mark.parametrize("thrown", [SystemExit, asyncio.CancelledError],
+                         ids=["SystemExit", "CancelledError"])
+async def test_an_observer_raising_a_base_exception_never_stops_the_writer(
+        durable: failover.Journal, thrown: type[BaseException],
+        caplog: pytest.LogCaptureFixture):
+    """An observer that raises even a BaseException (here at the first write) is
+    logged under ``failover.journal``; that batch's callers and every later one get
+    their answers.  (The real clock: a router closing on a dead writer waits out its
+    grace, which a fake clock would never end.)"""
+    raised: list[int] = []
+
+    def quits(operations: int, seconds: float) -> None:
+        if not raised:
+            raised.append(operations)
+            raise thrown("observer gave up")
+
+    async with failover.Router([ScriptedChannel("card")], durable,
+                               background=False) as router:
+        durable.writes.add_observer(quits)  # type: ignore[attr-defined]
+        first = await asyncio.wait_for(router.repay(repayment("loan-1")), 10)
+        second = await asyncio.wait_for(router.repay(repayment("loan-2")), 10)
+        got = await asyncio.wait_for(router.get("loan-1"), 10)
+
+    assert [RepaymentStatus.SUCCEEDED] * 3 == [
+        first.status, second.status, None if got is None else got.status]
+    assert ["a batch observer failed"] == [
+        r.getMessage() for r in caplog.records if r.name == "failover.journal"]
+
+
+async def test_sqlite_observers_run_once_the_callers_have_their_answers(tmp_path: Path):
+    """An observer runs after its batch's callers are answered: one that waits (on the
+    writer thread) for the caller's answer gets it."""
+    journal = failover.SQLiteJournal(tmp_path / "journal.db")
+    answered = threading.Event()
+    seen: list[bool] = []
+    journal.writes.add_observer(lambda operations, seconds: seen.append(answered.wait(5)))
+    await journal.open()
+    try:
+        await journal.create(repayment("loan-1"), None, datetime.now(UTC))
+        answered.set()
+    finally:
+        await journal.close()
+
+    assert [True] == seen
+
+
+async def test_postgres_observers_run_once_the_callers_have_their_answers(
+        postgres_dsn: str, pg_schema: str):
+    """An observer runs after its batch's callers are answered: every operation of the
+    batch being written is done when it is called."""
+    journal = failover.PostgresJournal(postgres_dsn, schema=pg_schema, migrate=True)
+    seen: list[bool] = []
+    journal.writes.add_observer(lambda operations, seconds: seen.append(all(
+        op.future.done() for lane in journal._lanes for op in lane.batch)))
+    await journal.open()
+    try:
+        await journal.create(repayment("loan-1"), None, datetime.now(UTC))
+    finally:
+        await journal.close()
+
+    assert [True] == seen
+
+
+def test_write_stats_tell_every_observer_whatever_one_raises(
+        caplog: pytest.LogCaptureFixture):
+    """Each observer's BaseException is logged and the next observer still runs."""
+    stats = WriteStats()
+    seen: list[tuple[int, float]] = []
+
+    def quits(operations: int, seconds: float) -> None:
+        raise SystemExit("observer gave up")
+
+    stats.add_observer(quits)
+    stats.add_observer(lambda operations, seconds: seen.append((operations, seconds)))
+
+    stats.committed(3, 0.5)
+
+    assert ((1, 3), [(3, 0.5)]) == ((stats.batches, stats.operations), seen)
+    assert 1 == len([r for r in caplog.records if r.name == "failover.journal"])
+
+
+def write_figures(collector: JournalCollector) -> tuple[float, ...]:
+    """The journal's write counters and histogram counts, as a scrape shows them."""
+    metrics = scrape(collector.registry)
+    return tuple(metrics[name][()] for name in (
+        "failover_journal_batches_total", "failover_journal_operations_total",
+        "failover_journal_write_duration_seconds_count",
+        "failover_journal_batch_operations_count"))
+
+
+async def test_reads_are_not_counted_as_writes(durable: failover.Journal,
+                                               clock: FakeClock):
+    """Scrapes with their refresh() and other reads (loads, lists, stats) leave the batch
+    counters and the write histograms as they were; a repayment moves them, and every
+    transaction counted is one the histograms observed."""
+    collector = JournalCollector(durable)
+    async with failover.Router([ScriptedChannel("card")], durable, clock=clock,
+                               background=False) as router:
+        await router.repay(repayment("loan-1"))
+        before = write_figures(collector)
+        for _ in range(10):
+            await collector.refresh()
+            await router.get("loan-1")
+            await router.get("loan-unknown")
+            await durable.find()
+            await durable.pending_keys()
+            await durable.watched(10)
+            await durable.overrides()
+            after_reads = write_figures(collector)
+        await router.repay(repayment("loan-2"))
+        after_write = write_figures(collector)
+
+    assert before == after_reads
+    batches, operations, durations, sizes = after_write
+    assert before[0] < batches == durations == sizes
+    assert before[1] < operations
+    counted = durable.batches, durable.operations  # type: ignore[attr-defined]
+    assert (batches, operations) == counted
 
 
 async def test_memory_journal_has_no_batch_counters():

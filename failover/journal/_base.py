@@ -394,17 +394,20 @@ class Journal(Protocol):
 
 
 BatchObserver = Callable[[int, float], None]
-"""Called with a committed batch's operations and its duration in seconds (from the
-transaction's start to its commit)."""
+"""Called with a committed write transaction's operations that wrote and its duration in
+seconds (from the transaction's start to its commit)."""
 
 
 class WriteStats:
-    """What a journal's writer committed: ``batches`` (transactions), ``operations``
-    in them, and the observers told of each batch (``failover.metrics`` adds one).
+    """What a journal's writer committed: ``batches`` (transactions that wrote),
+    ``operations`` (the operations in them that wrote), and the observers told of each
+    such batch (``failover.metrics`` adds one).  Reads go through the same writer but
+    are neither counted nor observed: they would make the figures follow the scrapes.
 
     An observer runs on the writer (the SQLite journal's thread, or the PostgreSQL
-    journal's task) and must be quick; whatever it raises is logged and ignored, so it
-    can never stop the writer."""
+    journal's task), after the batch's callers have their answers, and must be quick;
+    whatever it raises, ``BaseException`` included, is logged and ignored, so it can
+    never stop the writer."""
 
     __slots__ = ("_observers", "batches", "operations")
 
@@ -420,12 +423,18 @@ class WriteStats:
         self._observers = tuple(o for o in self._observers if o is not observer)
 
     def committed(self, operations: int, seconds: float) -> None:
+        """Count a committed transaction in which ``operations`` operations wrote (the
+        writer calls it only for a transaction that wrote) and tell the observers."""
         self.batches += 1
         self.operations += operations
         for observer in self._observers:
+            # BaseException too: a SystemExit or a CancelledError out of an observer
+            # would end the writer, and every later journal call would wait for ever.
+            # A real cancellation of the PostgreSQL writer task is not swallowed here:
+            # it arrives at an await, and an observer is a plain call.
             try:
                 observer(operations, seconds)
-            except Exception:
+            except BaseException:
                 logging.getLogger("failover.journal").exception("a batch observer failed")
 
 
@@ -436,11 +445,13 @@ class WriteCounted:
 
     @property
     def batches(self) -> int:
-        """Transactions committed; with ``operations``, shows how well writes were grouped."""
+        """Transactions committed that wrote; with ``operations``, shows how well writes
+        were grouped."""
         return self.writes.batches
 
     @property
     def operations(self) -> int:
+        """Operations that wrote, in those transactions (reads are not counted)."""
         return self.writes.operations
 
 

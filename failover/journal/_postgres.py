@@ -320,6 +320,27 @@ class _Lane:
     pending: list[_Op] = dataclasses.field(default_factory=list)
 
 
+def _write(value: object) -> bool:
+    """``wrote`` of a write that always writes."""
+    return True
+
+
+def _read(value: object) -> bool:
+    """``wrote`` of a read: it never writes."""
+    return False
+
+
+def _changed(status: str) -> bool:
+    """``wrote`` of ``conn.execute``: its status (``"UPDATE 0"``) says how many rows."""
+    return not status.endswith(" 0")
+
+
+def _owned(value: tuple[Any, int | None]) -> bool:
+    """``wrote`` of an operation answering (record, token): a token means it took or
+    renewed the lease; none, that it only read the record."""
+    return value[1] is not None
+
+
 @dataclass(slots=True, eq=False)
 class _Op:
     """One queued operation: ``apply`` in a batch; ``settle`` after an unknown fate
@@ -329,6 +350,9 @@ class _Op:
     settle: Callable[[Any], Awaitable[Any]] | None
     future: asyncio.Future[Any]
     key: str | None = None
+    wrote: Callable[[Any], bool] = _write
+    """Whether ``apply``, answering ``value``, wrote (``_read`` for a read): only
+    transactions that wrote are counted in ``writes``."""
 
 
 class PostgresJournal(WriteCounted):
@@ -592,9 +616,12 @@ class PostgresJournal(WriteCounted):
 
     async def _submit(self, apply: Callable[[Any], Awaitable[T]],
                       settle: Callable[[Any], Awaitable[T]] | None = None,
-                      key: str | None = None, route: str | None = None) -> T:
+                      key: str | None = None, route: str | None = None,
+                      wrote: Callable[[T], bool] = _write) -> T:
         """Queue an operation on the lane of ``route`` (default ``key``: the repayment
-        whose lease a write failing with an unknown fate gives up)."""
+        whose lease a write failing with an unknown fate gives up).  ``wrote`` tells
+        from ``apply``'s answer whether it wrote (``_read`` for a read): reads share the
+        writers, but only transactions that wrote count in ``writes``."""
         lanes = self._lanes
         if not lanes:
             raise JournalError(f"journal {self.path} is not open")
@@ -605,7 +632,7 @@ class PostgresJournal(WriteCounted):
             # fast rather than queue behind it.
             raise JournalError(f"journal {self.path}: the database is unreachable")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        lane.queue.put_nowait(_Op(apply, settle, future, key))
+        lane.queue.put_nowait(_Op(apply, settle, future, key, wrote))
         value = await future
         return value if self.codec is None else decoded(value, self.codec)
 
@@ -704,12 +731,18 @@ class PostgresJournal(WriteCounted):
             for op in batch:
                 await self._run_batch(lane, [op])
             return
-        self.writes.committed(len(batch), time.perf_counter() - started)
+        seconds = time.perf_counter() - started
         for op, value, error in results:
             if error is not None:
                 _fail(op.future, error)
             elif not op.future.done():
                 op.future.set_result(value)
+        # Counted and observed once the callers have their answers: nothing done here
+        # can hold back (or, if it escaped, lose) an answer already committed.  A
+        # refusal wrote nothing; a read, or a write that found nothing to change, either.
+        wrote = sum(op.wrote(value) for op, value, error in results if error is None)
+        if wrote:
+            self.writes.committed(wrote, seconds)
 
     def _drop(self, lane: _Lane, conn: asyncpg.Connection) -> None:
         if lane.conn is conn:
@@ -879,7 +912,7 @@ class PostgresJournal(WriteCounted):
                                     self.lease_s)
             return {row[0] for row in rows}
 
-        kept = await self._submit(apply, route=pairs[0][0])
+        kept = await self._submit(apply, route=pairs[0][0], wrote=bool)
         for key, token in pairs:
             held = self._held.get(key)
             if held is None or held.token != token:
@@ -946,7 +979,7 @@ class PostgresJournal(WriteCounted):
                 return record, token
             return await apply(conn)
 
-        record, token = await self._submit(apply, settle, key)
+        record, token = await self._submit(apply, settle, key, wrote=_owned)
         if token is not None and record is not None and \
                 record.status is RepaymentStatus.PENDING:
             self._take(key, token, sent)
@@ -967,7 +1000,8 @@ class PostgresJournal(WriteCounted):
         if held is None:
             return
         sql = self._sql.release
-        await self._submit(lambda conn: conn.execute(sql, key, held.token), key=key)
+        await self._submit(lambda conn: conn.execute(sql, key, held.token), key=key,
+                           wrote=_changed)
 
     def watch(self, key: str) -> asyncio.Future[None]:
         """A future set when ``key`` next changes owner or state (a notification);
@@ -1014,7 +1048,8 @@ class PostgresJournal(WriteCounted):
                                                   limit))
 
         rows = await self._submit(
-            lambda conn: conn.fetch(sql.sweep, self.instance, self.lease_s, limit), settle)
+            lambda conn: conn.fetch(sql.sweep, self.instance, self.lease_s, limit), settle,
+            wrote=bool)  # nothing expired: the sweep wrote nothing
         for key, token in rows:
             self._take(key, token, sent)
         return [row[0] for row in rows]
@@ -1064,7 +1099,7 @@ class PostgresJournal(WriteCounted):
                     == first_attempt[1] and existing.attempts[0].started_at == now))
             return existing, token if mine else None
 
-        stored, token = await self._submit(apply, settle, record.key)
+        stored, token = await self._submit(apply, settle, record.key, wrote=_owned)
         if token is None:
             return stored, False
         self._take(record.key, token, sent)
@@ -1072,14 +1107,16 @@ class PostgresJournal(WriteCounted):
 
     async def load(self, key: str) -> Record | None:
         sql = self._sql
-        return await self._submit(lambda conn: _load(conn, sql, key), route=key)
+        return await self._submit(lambda conn: _load(conn, sql, key), route=key,
+                                  wrote=_read)
 
     async def load_many(self, keys: Sequence[str]) -> dict[str, Record]:
         sql = self._sql
         found: dict[str, Record] = {}
         for start in range(0, len(keys), 1000):
             chunk = list(keys[start:start + 1000])
-            found.update(await self._submit(functools.partial(_load_many, sql=sql, keys=chunk)))
+            found.update(await self._submit(functools.partial(_load_many, sql=sql, keys=chunk),
+                                            wrote=_read))
         return found
 
     async def begin_attempt(
@@ -1115,7 +1152,7 @@ class PostgresJournal(WriteCounted):
             # Not ours (any more): only an answer nobody has yet is written, never over
             # one; the attempt's fact is true whoever owns the repayment now.
             await self._submit(lambda conn: conn.execute(sql.finish_attempt_unowned, *args),
-                               route=key)
+                               route=key, wrote=_changed)
             return
 
         async def apply(conn: asyncpg.Connection) -> None:
@@ -1234,7 +1271,7 @@ class PostgresJournal(WriteCounted):
         sql = (f"SELECT key FROM {self.schema}.repayments WHERE status = 'pending'"
                " AND ($1::text IS NULL OR pending_reason = $1) ORDER BY created_at")
         value = None if reason is None else reason.value
-        rows = await self._submit(lambda conn: conn.fetch(sql, value))
+        rows = await self._submit(lambda conn: conn.fetch(sql, value), wrote=_read)
         return [row[0] for row in rows]
 
     async def stats(self) -> JournalStats:
@@ -1249,7 +1286,7 @@ class PostgresJournal(WriteCounted):
                 f"SELECT MIN(created_at) FROM {schema}.repayments WHERE status = 'pending'")
             return JournalStats(by_status, oldest)
 
-        return await self._submit(op)
+        return await self._submit(op, wrote=_read)
 
     async def recent_failovers(self, limit: int = 10) -> list[Failover]:
         sql = (
@@ -1260,7 +1297,7 @@ class PostgresJournal(WriteCounted):
             "  LIMIT $1 * 20) recent) moves"
             " WHERE previous IS NOT NULL AND previous <> channel"
             " ORDER BY started_at DESC LIMIT $1")
-        rows = await self._submit(lambda conn: conn.fetch(sql, limit))
+        rows = await self._submit(lambda conn: conn.fetch(sql, limit), wrote=_read)
         return [Failover(r[0], r[1], r[2], r[3]) for r in rows]
 
     # ---- late collections, corrections, reminders -----------------------------------
@@ -1271,7 +1308,8 @@ class PostgresJournal(WriteCounted):
     async def watched(self, limit: int) -> list[str]:
         sql = (f"SELECT key FROM {self.schema}.repayments WHERE watch_at IS NOT NULL"
                " ORDER BY watch_at LIMIT $1")
-        return [row[0] for row in await self._submit(lambda conn: conn.fetch(sql, limit))]
+        return [row[0] for row in await self._submit(lambda conn: conn.fetch(sql, limit),
+                                                     wrote=_read)]
 
     async def start_watching(self, key: str,
                              checks_of: Callable[[Record], Sequence[LateCheck]]) -> None:
@@ -1305,7 +1343,7 @@ class PostgresJournal(WriteCounted):
         async def apply(conn: asyncpg.Connection) -> list[Any]:
             return list(await conn.fetch(sql, now, limit, claim_until))
 
-        rows = await self._submit(apply)
+        rows = await self._submit(apply, wrote=bool)  # none due: it claimed nothing
         # next_at as it was when claimed: the caller works from the schedule it read.
         return sorted((dataclasses.replace(late_check_from(r, _same), next_at=now)
                        for r in rows), key=lambda c: (c.key, c.reference))
@@ -1323,7 +1361,7 @@ class PostgresJournal(WriteCounted):
         async def apply(conn: asyncpg.Connection) -> bool:
             return await conn.fetchval(sql, *args) is not None
 
-        return await self._submit(apply, route=check.key)
+        return await self._submit(apply, route=check.key, wrote=bool)
 
     async def late_checks(self, key: str | None = None, *, state: LateState | None = None,
                           refund: RefundState | None = None) -> list[LateCheck]:
@@ -1332,7 +1370,7 @@ class PostgresJournal(WriteCounted):
                " AND ($3::text IS NULL OR refund = $3) ORDER BY key, round, reference")
         args = (key, None if state is None else state.value,
                 None if refund is None else refund.value)
-        rows = await self._submit(lambda conn: conn.fetch(sql, *args))
+        rows = await self._submit(lambda conn: conn.fetch(sql, *args), wrote=_read)
         return [late_check_from(r, _same) for r in rows]
 
     async def collected_late(self, check: LateCheck) -> bool:
@@ -1352,7 +1390,7 @@ class PostgresJournal(WriteCounted):
                 " WHERE late_checks.state <> 'collected' RETURNING 1", *row)
             return done is not None
 
-        return await self._submit(apply, route=check.key)
+        return await self._submit(apply, route=check.key, wrote=bool)
 
     async def correct(self, key: str, round: int, correction: Correction,
                       displaced: LateCheck | None = None, *, after: int = 0) -> Record:
@@ -1396,7 +1434,8 @@ class PostgresJournal(WriteCounted):
     async def find_reference(self, channel: str, reference: str) -> str | None:
         sql = (f"SELECT key FROM {self.schema}.attempts WHERE reference = $1 AND channel = $2"
                " LIMIT 1")
-        key = await self._submit(lambda conn: conn.fetchval(sql, reference, channel))
+        key = await self._submit(lambda conn: conn.fetchval(sql, reference, channel),
+                                 wrote=_read)
         return None if key is None else str(key)
 
     async def due_between(self, since: datetime | None, until: datetime | None
@@ -1411,13 +1450,13 @@ class PostgresJournal(WriteCounted):
             records = list((await _load_many(conn, sql=sql, keys=keys)).values())
             return sorted(records, key=lambda r: (r.due_at, r.key))
 
-        return await self._submit(op)
+        return await self._submit(op, wrote=_read)
 
     async def at_risk(self, now: datetime, within_s: float) -> list[Record]:
         sql = (f"SELECT {_RECORD_COLUMNS} FROM {self.schema}.repayments"
                " WHERE due_at > $1 AND due_at <= $1 + make_interval(secs => $2)"
                " AND status <> 'succeeded' ORDER BY due_at, key")
-        rows = await self._submit(lambda conn: conn.fetch(sql, now, within_s))
+        rows = await self._submit(lambda conn: conn.fetch(sql, now, within_s), wrote=_read)
         return [_record(row, ()) for row in rows]
 
     async def resolve_by_hand(self, key: str, round: int, correction: Correction) -> Record:
@@ -1473,12 +1512,14 @@ class PostgresJournal(WriteCounted):
 
     async def clear_override(self, channel: str) -> bool:
         sql = f"DELETE FROM {self.schema}.channel_overrides WHERE channel = $1 RETURNING 1"
-        return await self._submit(lambda conn: conn.fetchval(sql, channel)) is not None
+        deleted = await self._submit(lambda conn: conn.fetchval(sql, channel),
+                                     wrote=lambda found: found is not None)
+        return deleted is not None
 
     async def overrides(self) -> list[Override]:
         sql = (f"SELECT channel, enabled, until, reason, by, at FROM"
                f" {self.schema}.channel_overrides ORDER BY channel")
-        rows = await self._submit(lambda conn: conn.fetch(sql))
+        rows = await self._submit(lambda conn: conn.fetch(sql), wrote=_read)
         return [Override(*row) for row in rows]
 
     async def report_breakers(self, instance: str, states: Mapping[str, str],
@@ -1493,7 +1534,7 @@ class PostgresJournal(WriteCounted):
     async def breaker_reports(self) -> list[tuple[str, str, str, datetime]]:
         sql = (f"SELECT instance, channel, state, at FROM {self.schema}.instance_breakers"
                " ORDER BY instance, channel")
-        rows = await self._submit(lambda conn: conn.fetch(sql))
+        rows = await self._submit(lambda conn: conn.fetch(sql), wrote=_read)
         return [(row[0], row[1], row[2], row[3]) for row in rows]
 
     async def find(self, *, status: RepaymentStatus | None = None, channel: str | None = None,
@@ -1513,7 +1554,7 @@ class PostgresJournal(WriteCounted):
             records = await _load_many(conn, sql=sql, keys=keys) if keys else {}
             return [records[k] for k in keys if k in records]
 
-        return await self._submit(op)
+        return await self._submit(op, wrote=_read)
 
     async def purge_accounts(self, before: datetime) -> int:
         sql = (f"UPDATE {self.schema}.repayments AS r SET account = $2"
@@ -1526,7 +1567,7 @@ class PostgresJournal(WriteCounted):
             status = await conn.execute(sql, before, PURGED)
             return int(status.split()[-1])
 
-        return await self._submit(apply)
+        return await self._submit(apply, wrote=bool)
 
     async def remind_once(self, key: str, threshold_s: float, now: datetime) -> bool:
         sql = (f"INSERT INTO {self.schema}.reminders (key, threshold_s, at)"
@@ -1535,7 +1576,7 @@ class PostgresJournal(WriteCounted):
         async def apply(conn: asyncpg.Connection) -> bool:
             return await conn.fetchval(sql, key, threshold_s, now) is not None
 
-        return await self._submit(apply, route=key)
+        return await self._submit(apply, route=key, wrote=bool)
 
     async def _refuse(self, conn: asyncpg.Connection, key: str, token: int,
                       terminal_ok: bool = False) -> None:

@@ -462,6 +462,7 @@ class SQLiteJournal(SingleOwner, WriteCounted):
                     break
                 batch.append(item)
             outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+            wrote = 0  # operations that changed a row: reads share the writer, not the count
             started = time.perf_counter()
             try:
                 conn.execute("BEGIN IMMEDIATE")
@@ -469,22 +470,29 @@ class SQLiteJournal(SingleOwner, WriteCounted):
                     # No savepoint per operation: each makes at most one write, after its
                     # checks, and SQLite undoes a failed statement by itself, so a failing
                     # operation leaves nothing behind and the batch commits the rest.
+                    changes = conn.total_changes
                     try:
                         value = operation(conn)
                     except Exception as exc:
                         outcomes.append((future, None, _translate(exc)))
                     else:
                         outcomes.append((future, value, None))
+                    if conn.total_changes != changes:
+                        wrote += 1
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 failed = JournalError(f"journal {self.path!r}: commit failed: {exc}")
                 outcomes = [(future, None, failed) for _, future in batch]
-            else:
-                self.writes.committed(len(batch), time.perf_counter() - started)
-            # One wake-up of the event loop per batch, not one per operation.
+                wrote = 0
+            seconds = time.perf_counter() - started
+            # One wake-up of the event loop per batch, not one per operation.  The
+            # callers are answered before the observers run: nothing an observer does
+            # can hold back (or, if it escaped, lose) an answer already written.
             loop.call_soon_threadsafe(_settle_all, outcomes)
+            if wrote:
+                self.writes.committed(wrote, seconds)
 
     async def _submit(self, operation: Callable[[sqlite3.Connection], T]) -> T:
         if self._thread is None or self._loop is None:
