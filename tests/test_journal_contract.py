@@ -432,6 +432,22 @@ async def test_new_round_reopens_a_failed_repayment(journal, clock):
         record.status, record.round, record.pending_reason, record.channel, record.code)
 
 
+async def test_new_round_is_refused_once_the_account_is_purged(journal, clock):
+    """new_round() of a FAILED repayment whose account purge erased raises JournalError
+    and leaves it FAILED: a round that could call no channel would stay pending."""
+    number = await _sent(journal, clock)
+    await journal.finish(KEY, 1, RepaymentStatus.FAILED, "card", None, "declined", clock.now(),
+                         attempt=(number, ChannelResult.declined("declined")))
+    clock.advance(60)
+    assert 1 == await journal.purge_accounts(clock.now())
+
+    with pytest.raises(failover.JournalError, match="erased by purge"):
+        await journal.new_round(KEY, clock.now())
+    record = await journal.load(KEY)
+    assert record is not None
+    assert (RepaymentStatus.FAILED, 1) == (record.status, record.round)
+
+
 @pytest.mark.parametrize("status", [None, RepaymentStatus.SUCCEEDED])
 async def test_new_round_is_refused_unless_failed(journal, clock, status):
     """new_round() of a PENDING or SUCCEEDED repayment raises TerminalStateError."""

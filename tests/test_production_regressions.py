@@ -634,3 +634,10 @@ def test_the_lease_covers_channels_the_config_does_not_name():
 
     with pytest.raises(failover.ConfigError, match=r"channels\.card\.timeout_s"):
         failover.Router([ScriptedChannel("card")], journal)
+
+
+@pytest.mark.parametrize("lease_s", [float("nan"), float("inf"), 0.0])
+def test_a_lease_must_be_a_positive_finite_number(lease_s: float):
+    """NaN passed every comparison of the lease checks (FAILOVER_LEASE_S=nan)."""
+    with pytest.raises(ValueError, match="lease_s"):
+        failover.PostgresJournal("postgresql://localhost/unused", lease_s=lease_s)

@@ -615,5 +615,8 @@ def require_account(record: Record) -> None:
         why = "was erased by purge" if record.account == PURGED else (
             "is encrypted and this journal was opened without its codec (set"
             " FAILOVER_ACCOUNT_KEYS)")
-        raise JournalError(f"repayment {record.key!r}: its account {why}: no channel is"
-                           " called for it")
+        raise unusable_account(record.key, why)
+
+
+def unusable_account(key: str, why: str = "was erased by purge") -> JournalError:
+    return JournalError(f"repayment {key!r}: its account {why}: no channel is called for it")

@@ -32,6 +32,7 @@ from failover.journal._base import (
     failovers_in,
     needs_watch,
     new_record,
+    unusable_account,
 )
 
 
@@ -192,6 +193,8 @@ class MemoryJournal(SingleOwner):
         row = self._get(key)
         if row.status is not RepaymentStatus.FAILED:
             raise TerminalStateError(key, row.status.value)
+        if row.record.account == PURGED:  # a round that could call no channel would stay pending
+            raise unusable_account(key)
         row.status = RepaymentStatus.PENDING
         row.round += 1
         row.ending = {"pending_reason": PendingReason.IN_FLIGHT}

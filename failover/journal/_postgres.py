@@ -39,6 +39,7 @@ import functools
 import importlib.util
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -90,6 +91,7 @@ from failover.journal._base import (
     new_record,
     skips_from,
     skips_json,
+    unusable_account,
 )
 
 if TYPE_CHECKING:
@@ -385,8 +387,8 @@ class PostgresJournal(WriteCounted):
                                " 'failover[postgres]'")
         if not _SCHEMA_NAME.match(schema):
             raise ValueError(f"schema must be a lower-case SQL name, got {schema!r}")
-        if lease_s <= 0:
-            raise ValueError(f"lease_s must be positive, got {lease_s}")
+        if not (math.isfinite(lease_s) and lease_s > 0):
+            raise ValueError(f"lease_s must be a positive number of seconds, got {lease_s}")
         self.dsn = dsn
         self.codec = codec
         """Encodes accounts before they are written, decodes them when read
@@ -1250,8 +1252,17 @@ class PostgresJournal(WriteCounted):
             if row[0] != RepaymentStatus.FAILED.value:
                 raise TerminalStateError(key, row[0])
             token = await conn.fetchval(sql.new_round, key, row[1], self.instance,
-                                        self.lease_s, now)
-            if token is None:  # another instance started the new round first
+                                        self.lease_s, now, PURGED)
+            if token is None:
+                # Another instance started the new round first, or a purge erased the
+                # account meanwhile (a round that could call no channel would stay
+                # pending): the row as it is now says which.
+                now_row = await conn.fetchrow(
+                    f"SELECT status, account FROM {self.schema}.repayments WHERE key = $1",
+                    key)
+                if now_row is not None and now_row[0] == RepaymentStatus.FAILED.value \
+                        and now_row[1] == PURGED:
+                    raise unusable_account(key)
                 raise TerminalStateError(key, RepaymentStatus.PENDING.value)
             record = await _load(conn, sql, key)
             assert record is not None
@@ -1738,7 +1749,8 @@ class _Statements:
             " channel_reference = NULL, code = NULL, pending_reason = 'in_flight',"
             f" pending_channel = NULL, updated_at = $5, owner = $3,"
             f" token = nextval('{schema}.tokens'), lease_until = {lease.format('$4')}"
-            " WHERE key = $1 AND status = 'failed' AND round = $2 RETURNING token")
+            " WHERE key = $1 AND status = 'failed' AND round = $2 AND account <> $6"
+            " RETURNING token")
         self.watch = (f"UPDATE {r} SET watch_at = $2 WHERE key = $1"
                       f" AND status <> 'pending' AND {WATCH_SQL.format(a=a, r=r)}")
         self.load = f"SELECT {_RECORD_COLUMNS} FROM {r} WHERE key = $1"

@@ -68,6 +68,7 @@ from failover.journal._base import (
     new_record,
     skips_from,
     skips_json,
+    unusable_account,
 )
 
 SCHEMA_VERSION = 3
@@ -640,11 +641,14 @@ class SQLiteJournal(SingleOwner, WriteCounted):
 
     async def new_round(self, key: str, now: datetime) -> Record:
         def op(conn: sqlite3.Connection) -> Record:
-            row = conn.execute("SELECT status FROM repayments WHERE key = ?", (key,)).fetchone()
+            row = conn.execute("SELECT status, account FROM repayments WHERE key = ?",
+                               (key,)).fetchone()
             if row is None:
                 raise UnknownRepayment(key)
             if row[0] != RepaymentStatus.FAILED.value:
                 raise TerminalStateError(key, row[0])
+            if row[1] == PURGED:  # a round that could call no channel would stay pending
+                raise unusable_account(key)
             conn.execute(
                 "UPDATE repayments SET status = 'pending', round = round + 1, channel = NULL,"
                 " channel_reference = NULL, code = NULL, pending_reason = ?,"
