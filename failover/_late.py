@@ -59,6 +59,8 @@ from failover.journal._base import Journal, Record, may_collect_late, require_ac
 _log = logging.getLogger("failover")
 
 REFUND_SUFFIX = "-refund"
+OPERATOR_PREFIX = "operator:"
+"""The reference of a collection an operator reported (``failover resolve``)."""
 CONCURRENCY = 8
 """Checks worked at once in one pass (each may wait on a channel's timeout)."""
 
@@ -137,9 +139,12 @@ class Settlement:
     displaced: LateCheck | None
     refunds: tuple[LateCheck, ...]
     uncertain: tuple[LateCheck, ...] = ()
-    """Collections that may be the one an operator's resolution names (same channel and
-    round, another channel reference): never refunded by the router, put on the
-    manual-refund list for a person who can tell."""
+    """Collections that may be the same money as an operator's (same channel and round,
+    another channel reference): never refunded by the router, put on the manual-refund
+    list for a person who can tell."""
+    twins: tuple[LateCheck, ...] = ()
+    """The same collection as the kept one or as one refunded instead (same channel and
+    channel reference, found under another reference): nothing to do."""
 
 
 def plan(record: Record, checks: Sequence[LateCheck], now: datetime,
@@ -174,17 +179,77 @@ def plan(record: Record, checks: Sequence[LateCheck], now: datetime,
             displaced = LateCheck(record.key, won[0], won[1], won[2], LateState.COLLECTED,
                                   next_at=now, found_at=record.updated_at, found_by="ending",
                                   channel_reference=record.channel_reference)
-    refunds = tuple(c for c in found if c.reference != kept
-                    and c.refund not in (RefundState.REFUNDED, RefundState.MANUAL))
-    operator = record.corrections[-1].reason == "operator" if record.corrections else False
-    if operator and won is not None and kept == won[1]:
-        # The operator's evidence names the channel, and its reference is free text: a
-        # collection the router's own request made there may be that same money.
-        uncertain = tuple(c for c in refunds if c.channel == won[0] and c.round == won[2]
-                          and c.refund not in (RefundState.SENT, RefundState.UNKNOWN))
-        refunds = tuple(c for c in refunds if c not in uncertain)
-        return Settlement(kept, correction, displaced, refunds, uncertain)
-    return Settlement(kept, correction, displaced, refunds)
+    if won is not None and kept == won[1]:
+        kept_at = (won[0], won[2], _money(record.channel, record.channel_reference))
+    else:
+        kept_at = (by_ref[kept].channel, by_ref[kept].round,
+                   _money(by_ref[kept].channel, by_ref[kept].channel_reference))
+    refunds, twins, uncertain = _to_give_back(
+        [c for c in found if c.reference != kept], kept, kept_at)
+    return Settlement(kept, correction, displaced, refunds, uncertain, twins)
+
+
+def _money(channel: str | None, channel_reference: str | None) -> tuple[str, str] | None:
+    """What names one collection for sure: its channel and the channel's own reference."""
+    return None if channel is None or channel_reference is None else (channel,
+                                                                       channel_reference)
+
+
+_STARTED = frozenset({RefundState.SENT, RefundState.UNKNOWN, RefundState.REFUNDED,
+                      RefundState.MANUAL})
+"""A refund begun (or handed to a person): what happens to it is settled first."""
+
+
+def _to_give_back(
+    others: Sequence[LateCheck], kept: str, kept_at: tuple[str, int, tuple[str, str] | None],
+) -> tuple[tuple[LateCheck, ...], tuple[LateCheck, ...], tuple[LateCheck, ...]]:
+    """Of the collections beside the kept one: those to refund, those that are the same
+    money as another (the kept one, or one refunded instead), and those that may be the
+    same money as an operator's (for a person to tell).  Never two refunds of one
+    collection, never a refund of the one kept."""
+    twins: list[LateCheck] = []
+    by_money: dict[tuple[str, str], list[LateCheck]] = {}
+    alone: list[LateCheck] = []
+    for check in others:
+        money = _money(check.channel, check.channel_reference)
+        if money is not None and money == kept_at[2]:
+            twins.append(check)  # the kept collection, found under another reference
+        elif money is not None:
+            by_money.setdefault(money, []).append(check)
+        else:
+            alone.append(check)
+    chosen: list[LateCheck] = list(alone)
+    for group in by_money.values():
+        # One refund per collection: the one begun already, else the router's own request.
+        group.sort(key=lambda c: (c.refund not in _STARTED, is_operators(c.reference),
+                                  c.reference))
+        chosen.append(group[0])
+        twins.extend(group[1:])
+    # An operator's evidence names a channel with a reference of its own (free text): a
+    # collection the router's own request made on that channel in that round may be the
+    # same money.  Neither is refunded by the router: a person tells.
+    operators: list[tuple[str, int, LateCheck | None]] = [
+        (c.channel, c.round, c) for c in chosen if is_operators(c.reference)]
+    if is_operators(kept):
+        operators.append((kept_at[0], kept_at[1], None))
+    uncertain: set[str] = set()
+    for channel, round, theirs in operators:
+        ours = [c for c in chosen if c.channel == channel and c.round == round
+                and not is_operators(c.reference)]
+        if ours:
+            uncertain.update(c.reference for c in ours)
+            if theirs is not None:
+                uncertain.add(theirs.reference)
+    pending = [c for c in chosen if c.refund not in (RefundState.REFUNDED, RefundState.MANUAL)]
+    refunds = tuple(c for c in pending if c.reference not in uncertain
+                    or c.refund in (RefundState.SENT, RefundState.UNKNOWN))
+    manual = tuple(c for c in pending if c not in refunds)
+    return refunds, tuple(twins), manual
+
+
+def is_operators(reference: str) -> bool:
+    """Whether a collection's reference is an operator's (``failover resolve``)."""
+    return reference.startswith(OPERATOR_PREFIX)
 
 
 def request_for(record: Record, reference: str) -> ChannelRequest:
@@ -344,9 +409,11 @@ class LateWork:
             await self._refund(record, check)
         for check in settlement.uncertain:
             await self._manual(record, check, "may_be_the_operators_collection")
-        # The kept collection needs no more work.
+        # The kept collection, and any found again under another reference, need no more
+        # work.
+        done = {settlement.kept, *(c.reference for c in settlement.twins)}
         for check in checks:
-            if check.reference == settlement.kept and check.next_at is not None:
+            if check.reference in done and check.next_at is not None:
                 await self._journal.update_late_check(
                     dataclasses.replace(check, next_at=None), check)
         return record

@@ -835,6 +835,7 @@ async def _resolve_data(target: _Target, args: argparse.Namespace) -> dict[str, 
     import getpass
 
     from failover._flow import make_reference
+    from failover._late import OPERATOR_PREFIX
     from failover._models import Correction, RepaymentStatus
     from failover.codec import account_usable
 
@@ -852,7 +853,7 @@ async def _resolve_data(target: _Target, args: argparse.Namespace) -> dict[str, 
         # The operator's collection has a reference of its own: the router's own attempt
         # on that channel, if it may have collected, stays watched (a second collection
         # is refunded; the same one, reported under this channel reference, is not).
-        reference = f"operator:{args.channel_reference}" if collected else None
+        reference = f"{OPERATOR_PREFIX}{args.channel_reference}" if collected else None
         ours = make_reference(record.key, record.round, args.collected_by) \
             if collected else None
         warnings: list[str] = []

@@ -641,3 +641,56 @@ def test_a_lease_must_be_a_positive_finite_number(lease_s: float):
     """NaN passed every comparison of the lease checks (FAILOVER_LEASE_S=nan)."""
     with pytest.raises(ValueError, match="lease_s"):
         failover.PostgresJournal("postgresql://localhost/unused", lease_s=lease_s)
+
+
+@pytest.mark.parametrize("same_reference", [True, False])
+async def test_a_displaced_operators_collection_is_never_refunded_twice(tmp_path: Path,
+                                                                       same_reference: bool):
+    """Round 1 fails (a's request NOT_FOUND, then applied late); round 2's b collects but
+    its answer is lost; an operator resolves it as collected by b; the sweep keeps a's
+    round-1 collection.  b's money is given back once when the operator gave b's own
+    reference (it was refunded twice: as the operator's and as the router's), and goes
+    to the manual-refund list when the operator's reference is free text."""
+    from failover._models import Correction
+    from failover.testing import Collected
+
+    clock, ledger = FakeClock(), MemoryLedger()
+    a = ScriptedChannel("a", [ChannelResult.unknown("timeout"), ChannelResult.declined("no")],
+                        queries=[ChannelResult.not_found()], ledger=ledger)
+    b = ScriptedChannel("b", [ChannelResult.declined("no"),
+                              Collected(ChannelResult.unknown("timeout"))],
+                        queries=[ChannelResult.unknown("busy")] * 3, ledger=ledger)
+    config = failover.RouterConfig.model_validate(
+        {"channels": {"a": {"settle_s": 0, "priority": 1, "retry": {"max_attempts": 1}},
+                      "b": {"settle_s": 0, "priority": 2, "retry": {"max_attempts": 1}}},
+         "late": {"checks_s": [0, 3600]}})
+    journal = failover.SQLiteJournal(tmp_path / "journal.db")
+    async with failover.Router([a, b], journal, config, clock=clock) as router:
+        first = await router.repay(repayment(KEY, account=ACCOUNT))
+        late_ref = next(x.reference for x in first.attempts if x.channel == "a")
+        ledger.record(Collection("a", late_ref, KEY, first.amount, "A-LATE"))
+        await router.retry(KEY)
+        [b_money] = [c.channel_reference for c in ledger.collections() if c.channel == "b"]
+        evidence = b_money if same_reference else "BANK-STMT-0042"
+        record = await journal.load(KEY)
+        assert record is not None
+        await journal.resolve_by_hand(KEY, record.round, Correction(
+            at=clock.now(), reason="operator", old_status=record.status,
+            old_channel=record.pending_channel, old_channel_reference=None,
+            old_code=record.code, new_status=RepaymentStatus.SUCCEEDED, new_channel="b",
+            new_channel_reference=evidence, reference=f"operator:{evidence}",
+            evidence="operator ops: paid"))
+        for _ in range(6):
+            clock.advance(4000)
+            await router.sweep()
+        late = await router.get_late(KEY)
+
+    assert late is not None
+    manual = [c for c in late.late if c.refund is failover.RefundState.MANUAL]
+    assert (RepaymentStatus.SUCCEEDED, "a") == (late.status, late.channel)
+    if same_reference:
+        assert (1, []) == (len(ledger.refunds()), manual)
+    else:
+        assert [] == ledger.refunds()
+        assert {"may_be_the_operators_collection"} == {c.refund_code for c in manual}
+    assert audit({KEY: late}, [ledger], manual=[KEY] if manual else []).ok

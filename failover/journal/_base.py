@@ -618,5 +618,11 @@ def require_account(record: Record) -> None:
         raise unusable_account(record.key, why)
 
 
-def unusable_account(key: str, why: str = "was erased by purge") -> JournalError:
-    return JournalError(f"repayment {key!r}: its account {why}: no channel is called for it")
+class AccountUnusable(JournalError):
+    """A repayment's account cannot be sent to a channel (erased, or still encrypted):
+    a refusal, not a failure of the journal."""
+
+
+def unusable_account(key: str, why: str = "was erased by purge") -> AccountUnusable:
+    return AccountUnusable(f"repayment {key!r}: its account {why}: no channel is called"
+                           " for it")

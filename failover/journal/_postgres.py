@@ -77,6 +77,7 @@ from failover.codec import PURGED, AccountCodec
 from failover.journal._base import (
     LATE_COLUMNS,
     WATCH_SQL,
+    AccountUnusable,
     Failover,
     JournalStats,
     Record,
@@ -784,8 +785,8 @@ class PostgresJournal(WriteCounted):
                 async with conn.transaction():
                     value = await (op.settle or op.apply)(conn)
             except retryable as exc:
-                if isinstance(exc, (OwnershipLost, TerminalStateError)):
-                    pending.pop(0)
+                if isinstance(exc, (OwnershipLost, TerminalStateError, AccountUnusable)):
+                    pending.pop(0)  # a refusal: the write certainly did not happen
                     _fail(op.future, exc)
                     continue
                 if lane.conn is not None:
