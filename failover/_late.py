@@ -13,7 +13,11 @@ one the repayment's ending names, else the one found first.  So a ``FAILED`` rep
 whose money arrived is corrected to ``SUCCEEDED`` (the old ending is kept in its
 corrections), and when ``retry(key)`` collected again in a later round meanwhile, that
 later collection is the one refunded.  The kept collection only ever moves to an earlier
-round, so nothing once refunded can become the kept one.
+round, so nothing once refunded can become the kept one; and a collection named twice
+(by two references, one channel reference) is one: kept or refunded once.  An operator's
+resolution names money by a reference of its own, so a collection the router's own
+requests made on that channel is never refunded on the strength of it: the manual-refund
+list takes both, for a person who can tell.
 """
 
 from __future__ import annotations
@@ -149,50 +153,73 @@ class Settlement:
 
 def plan(record: Record, checks: Sequence[LateCheck], now: datetime,
          ) -> Settlement:
-    """Decide, from the journal alone, which collection is kept and what is refunded."""
-    won = winner(record)
-    # A collection the channel reports under the ending's own channel reference is the
-    # ending's money (an operator's resolution names it so), never a second one.
-    found = [c for c in checks if c.state is LateState.COLLECTED and not (
-        won is not None and c.channel == record.channel and c.channel_reference is not None
-        and c.channel_reference == record.channel_reference)]
-    # (round, 0 for the ending's own, when found, reference): a total, stable order.
-    candidates: list[tuple[tuple[Any, ...], str]] = [
-        ((c.round, 1, c.found_at or now, c.reference), c.reference) for c in found
-        if won is None or c.reference != won[1]]
-    if won is not None:
-        candidates.append(((won[2], 0, record.updated_at, won[1]), won[1]))
-    if not candidates or record.status is RepaymentStatus.PENDING:
+    """Decide, from the journal alone, which collection is kept and what is refunded.
+
+    Collections are grouped by what surely names one piece of money: the same request
+    reference, or the same channel and channel reference.  A group with a refund begun
+    (or on the manual-refund list) is never kept; of the others the earliest round's is
+    kept, the ending's own first.  Every other group is given back once: refunded, or put
+    on the manual-refund list when it may be the same money as another group (an
+    operator's reference is free text: on its channel it may name any request's money,
+    in any round)."""
+    if record.status is RepaymentStatus.PENDING:
         return Settlement(None, None, None, ())
-    kept = min(candidates)[1]
-    by_ref = {c.reference: c for c in found}
-    correction = displaced = None
-    if won is None or kept != won[1]:
-        chosen = by_ref[kept]
+    won = winner(record)
+    ending = None if won is None else LateCheck(
+        record.key, won[0], won[1], won[2], LateState.COLLECTED, next_at=now,
+        found_at=record.updated_at, found_by="ending",
+        channel_reference=record.channel_reference)
+    found = [c for c in checks if c.state is LateState.COLLECTED]
+    evidence = ([ending] if ending is not None else []) + [
+        c for c in found if ending is None or c.reference != ending.reference]
+    if not evidence:
+        return Settlement(None, None, None, ())
+    groups = _same_money(evidence)
+
+    def order(check: LateCheck) -> tuple[Any, ...]:
+        """(round, 0 for the ending's own, when found, reference): total and stable."""
+        return (check.round, 0 if check is ending else 1, check.found_at or now,
+                check.reference)
+
+    free = [g for g in groups if not any(c.refund in _STARTED for c in g)]
+    if not free:  # every collection is being given back: nothing can be kept
+        return Settlement(None, None, None, tuple(
+            c for g in groups for c in g if c.refund in (RefundState.SENT, RefundState.UNKNOWN)))
+    kept_group = min(free, key=lambda g: min(order(c) for c in g))
+    chosen = ending if any(c is ending for c in kept_group) else min(kept_group, key=order)
+    assert chosen is not None
+    if chosen is not ending:
         correction = Correction(
             at=now, reason="late_collection", old_status=record.status,
             old_channel=record.channel, old_channel_reference=record.channel_reference,
             old_code=record.code, new_status=RepaymentStatus.SUCCEEDED,
             new_channel=chosen.channel, new_channel_reference=chosen.channel_reference,
-            reference=kept, evidence=chosen.found_by)
-        if won is not None:
-            displaced = LateCheck(record.key, won[0], won[1], won[2], LateState.COLLECTED,
-                                  next_at=now, found_at=record.updated_at, found_by="ending",
-                                  channel_reference=record.channel_reference)
-    if won is not None and kept == won[1]:
-        kept_at = (won[0], won[2], _money(record.channel, record.channel_reference))
-    else:
-        kept_at = (by_ref[kept].channel, by_ref[kept].round,
-                   _money(by_ref[kept].channel, by_ref[kept].channel_reference))
-    refunds, twins, uncertain = _to_give_back(
-        [c for c in found if c.reference != kept], kept, kept_at)
-    return Settlement(kept, correction, displaced, refunds, uncertain, twins)
-
-
-def _money(channel: str | None, channel_reference: str | None) -> tuple[str, str] | None:
-    """What names one collection for sure: its channel and the channel's own reference."""
-    return None if channel is None or channel_reference is None else (channel,
-                                                                       channel_reference)
+            reference=chosen.reference, evidence=chosen.found_by)
+        # Made right once the correction is journaled (the ending is then a check).
+        return Settlement(chosen.reference, correction, ending, ())
+    twins = [c for c in kept_group if c is not ending]
+    refunds: list[LateCheck] = []
+    uncertain: list[LateCheck] = []
+    for group in groups:
+        if group is kept_group:
+            continue
+        in_air = [c for c in group if c.refund in (RefundState.SENT, RefundState.UNKNOWN)]
+        begun = [c for c in group if c.refund in _STARTED]
+        if begun:  # one refund per collection: the one begun (its fate resolved first)
+            refunds.extend(in_air)
+            twins.extend(c for c in group if c.refund not in _STARTED)
+            continue
+        first = min(group, key=lambda c: (is_operators(c.reference), c.reference))
+        twins.extend(c for c in group if c is not first)
+        # Only an operator names it: a request of the router's not found yet may be the
+        # same money, and the gateway may not know the operator's reference.
+        if is_operators(first.reference) or any(
+                _maybe_same(group, other) for other in groups if other is not group):
+            uncertain.append(first)
+        else:
+            refunds.append(first)
+    return Settlement(chosen.reference, None, None, tuple(refunds), tuple(uncertain),
+                      tuple(twins))
 
 
 _STARTED = frozenset({RefundState.SENT, RefundState.UNKNOWN, RefundState.REFUNDED,
@@ -200,51 +227,28 @@ _STARTED = frozenset({RefundState.SENT, RefundState.UNKNOWN, RefundState.REFUNDE
 """A refund begun (or handed to a person): what happens to it is settled first."""
 
 
-def _to_give_back(
-    others: Sequence[LateCheck], kept: str, kept_at: tuple[str, int, tuple[str, str] | None],
-) -> tuple[tuple[LateCheck, ...], tuple[LateCheck, ...], tuple[LateCheck, ...]]:
-    """Of the collections beside the kept one: those to refund, those that are the same
-    money as another (the kept one, or one refunded instead), and those that may be the
-    same money as an operator's (for a person to tell).  Never two refunds of one
-    collection, never a refund of the one kept."""
-    twins: list[LateCheck] = []
-    by_money: dict[tuple[str, str], list[LateCheck]] = {}
-    alone: list[LateCheck] = []
-    for check in others:
-        money = _money(check.channel, check.channel_reference)
-        if money is not None and money == kept_at[2]:
-            twins.append(check)  # the kept collection, found under another reference
-        elif money is not None:
-            by_money.setdefault(money, []).append(check)
-        else:
-            alone.append(check)
-    chosen: list[LateCheck] = list(alone)
-    for group in by_money.values():
-        # One refund per collection: the one begun already, else the router's own request.
-        group.sort(key=lambda c: (c.refund not in _STARTED, is_operators(c.reference),
-                                  c.reference))
-        chosen.append(group[0])
-        twins.extend(group[1:])
-    # An operator's evidence names a channel with a reference of its own (free text): a
-    # collection the router's own request made on that channel in that round may be the
-    # same money.  Neither is refunded by the router: a person tells.
-    operators: list[tuple[str, int, LateCheck | None]] = [
-        (c.channel, c.round, c) for c in chosen if is_operators(c.reference)]
-    if is_operators(kept):
-        operators.append((kept_at[0], kept_at[1], None))
-    uncertain: set[str] = set()
-    for channel, round, theirs in operators:
-        ours = [c for c in chosen if c.channel == channel and c.round == round
-                and not is_operators(c.reference)]
-        if ours:
-            uncertain.update(c.reference for c in ours)
-            if theirs is not None:
-                uncertain.add(theirs.reference)
-    pending = [c for c in chosen if c.refund not in (RefundState.REFUNDED, RefundState.MANUAL)]
-    refunds = tuple(c for c in pending if c.reference not in uncertain
-                    or c.refund in (RefundState.SENT, RefundState.UNKNOWN))
-    manual = tuple(c for c in pending if c not in refunds)
-    return refunds, tuple(twins), manual
+def _same_money(evidence: Sequence[LateCheck]) -> list[list[LateCheck]]:
+    """Collections grouped by what surely names one piece of money: one request
+    reference, or one channel reference on one channel (in the order given)."""
+    groups: list[list[LateCheck]] = []
+    for check in evidence:
+        joined = [g for g in groups if any(_one_collection(check, c) for c in g)]
+        merged = [c for g in joined for c in g] + [check]
+        groups = [g for g in groups if not any(g is j for j in joined)] + [merged]
+    return groups
+
+
+def _one_collection(a: LateCheck, b: LateCheck) -> bool:
+    return a.reference == b.reference or (
+        a.channel == b.channel and a.channel_reference is not None
+        and a.channel_reference == b.channel_reference)
+
+
+def _maybe_same(group: Sequence[LateCheck], other: Sequence[LateCheck]) -> bool:
+    """Whether two groups may name the same money: an operator's collection and another
+    one on its channel (the router's own requests are each one collection at most)."""
+    return any(a.channel == b.channel and (is_operators(a.reference) or is_operators(b.reference))
+               for a in group for b in other)
 
 
 def is_operators(reference: str) -> bool:
