@@ -149,6 +149,8 @@ class Settlement:
     twins: tuple[LateCheck, ...] = ()
     """The same collection as the kept one or as one refunded instead (same channel and
     channel reference, found under another reference): nothing to do."""
+    reasons: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """Why each ``uncertain`` collection goes to a person, by reference."""
 
 
 def plan(record: Record, checks: Sequence[LateCheck], now: datetime,
@@ -156,12 +158,13 @@ def plan(record: Record, checks: Sequence[LateCheck], now: datetime,
     """Decide, from the journal alone, which collection is kept and what is refunded.
 
     Collections are grouped by what surely names one piece of money: the same request
-    reference, or the same channel and channel reference.  A group with a refund begun
-    (or on the manual-refund list) is never kept; of the others the earliest round's is
-    kept, the ending's own first.  Every other group is given back once: refunded, or put
-    on the manual-refund list when it may be the same money as another group (an
-    operator's reference is free text: on its channel it may name any request's money,
-    in any round)."""
+    reference, or an operator's report under the channel's own reference.  A group with
+    a refund begun (or on the manual-refund list) is never kept; of the others the
+    earliest round's is kept, the ending's own first.  Every other group is given back
+    once: refunded, or put on the manual-refund list when it may be the same money as
+    another group (an operator's reference is free text: on its channel it may name any
+    request's money, in any round; two requests the channel reports under one
+    reference may be one collection or two)."""
     if record.status is RepaymentStatus.PENDING:
         return Settlement(None, None, None, ())
     won = winner(record)
@@ -200,6 +203,7 @@ def plan(record: Record, checks: Sequence[LateCheck], now: datetime,
     twins = [c for c in kept_group if c is not ending]
     refunds: list[LateCheck] = []
     uncertain: list[LateCheck] = []
+    reasons: dict[str, str] = {}
     for group in groups:
         if group is kept_group:
             continue
@@ -213,13 +217,16 @@ def plan(record: Record, checks: Sequence[LateCheck], now: datetime,
         twins.extend(c for c in group if c is not first)
         # Only an operator names it: a request of the router's not found yet may be the
         # same money, and the gateway may not know the operator's reference.
-        if is_operators(first.reference) or any(
-                _maybe_same(group, other) for other in groups if other is not group):
+        links = [why for other in groups if other is not group
+                 if (why := _maybe_same(group, other)) is not None]
+        if is_operators(first.reference) or links:
             uncertain.append(first)
+            reasons[first.reference] = OPERATORS if is_operators(first.reference) \
+                or OPERATORS in links else SHARED_REFERENCE
         else:
             refunds.append(first)
     return Settlement(chosen.reference, None, None, tuple(refunds), tuple(uncertain),
-                      tuple(twins))
+                      tuple(twins), reasons)
 
 
 _STARTED = frozenset({RefundState.SENT, RefundState.UNKNOWN, RefundState.REFUNDED,
@@ -234,21 +241,43 @@ def _same_money(evidence: Sequence[LateCheck]) -> list[list[LateCheck]]:
     for check in evidence:
         joined = [g for g in groups if any(_one_collection(check, c) for c in g)]
         merged = [c for g in joined for c in g] + [check]
+        if len({c.reference for c in merged if not is_operators(c.reference)}) > 1:
+            # An operator's report whose id two requests share: which one it names is
+            # not known, so neither is joined to it (and a person tells).
+            groups.append([check])
+            continue
         groups = [g for g in groups if not any(g is j for j in joined)] + [merged]
     return groups
 
 
 def _one_collection(a: LateCheck, b: LateCheck) -> bool:
+    """Surely one piece of money: one request, or an operator's report naming a
+    collection by the channel's own reference.  Two requests of the router's are two
+    collections at most, whatever references the channel reports for them."""
     return a.reference == b.reference or (
         a.channel == b.channel and a.channel_reference is not None
-        and a.channel_reference == b.channel_reference)
+        and a.channel_reference == b.channel_reference
+        and (is_operators(a.reference) or is_operators(b.reference)))
 
 
-def _maybe_same(group: Sequence[LateCheck], other: Sequence[LateCheck]) -> bool:
-    """Whether two groups may name the same money: an operator's collection and another
-    one on its channel (the router's own requests are each one collection at most)."""
-    return any(a.channel == b.channel and (is_operators(a.reference) or is_operators(b.reference))
-               for a in group for b in other)
+def _maybe_same(group: Sequence[LateCheck], other: Sequence[LateCheck]) -> str | None:
+    """Why two groups may name the same money, if they may: an operator's collection and
+    another one on its channel, or two requests the channel reports under one reference
+    (a channel_reference that is not one collection's)."""
+    for a in group:
+        for b in other:
+            if a.channel != b.channel:
+                continue
+            if is_operators(a.reference) or is_operators(b.reference):
+                return OPERATORS
+            if a.channel_reference is not None and a.channel_reference == b.channel_reference:
+                return SHARED_REFERENCE
+    return None
+
+
+OPERATORS = "may_be_the_operators_collection"
+SHARED_REFERENCE = "channel_reference_of_two_requests"
+"""Why a collection is handed to a person (the manual-refund list's reasons)."""
 
 
 def is_operators(reference: str) -> bool:
@@ -412,7 +441,8 @@ class LateWork:
         for check in settlement.refunds:
             await self._refund(record, check)
         for check in settlement.uncertain:
-            await self._manual(record, check, "may_be_the_operators_collection")
+            await self._manual(record, check,
+                               settlement.reasons.get(check.reference, OPERATORS))
         # The kept collection, and any found again under another reference, need no more
         # work.
         done = {settlement.kept, *(c.reference for c in settlement.twins)}
@@ -447,6 +477,11 @@ class LateWork:
                 answer = await self._ask(lane, query, (request_for(record, ref),), None)
                 if answer.outcome is Outcome.SUCCEEDED:
                     await self._refunded(record, check, ref, answer)
+                    return
+                if answer.outcome in (Outcome.DECLINED, Outcome.REJECTED):
+                    # The channel holds the refund as refused: nothing was given back,
+                    # and sending it again gets the same answer.  A person refunds it.
+                    await self._manual(record, check, answer.code or answer.outcome.value)
                     return
                 if answer.outcome is not Outcome.NOT_FOUND:
                     await self._later(check, settings.retry_s)

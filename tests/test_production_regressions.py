@@ -694,3 +694,46 @@ async def test_a_displaced_operators_collection_is_never_refunded_twice(tmp_path
         assert [] == ledger.refunds()
         assert {"may_be_the_operators_collection"} == {c.refund_code for c in manual}
     assert audit({KEY: late}, [ledger], manual=[KEY] if manual else []).ok
+
+
+class RefusingRefunds(ScriptedChannel):
+    """Its gateway refuses the refund, but the answer is lost on the way back; the
+    refund's status query then reports the refusal (as the gateway simulator does)."""
+
+    async def _refund(self, request: failover.ChannelRequest, channel_reference: Any,
+                      amount: Any) -> ChannelResult:
+        self.refund_requests.append(request)
+        return ChannelResult.unknown("read_timeout")
+
+    async def _query_refund(self, request: failover.ChannelRequest) -> ChannelResult:
+        return ChannelResult.rejected("amount_exceeds_refundable")
+
+
+async def test_a_refund_its_status_query_reports_refused_goes_to_the_manual_list():
+    """A second collection whose refund answer was lost, and whose refund status says
+    refused, is handed to a person (it was re-queried for ever, the borrower charged
+    twice with nothing on the list)."""
+    clock, ledger = FakeClock(), MemoryLedger()
+    from failover.testing import Collected
+
+    a = RefusingRefunds("a", [Collected(ChannelResult.unknown("timeout"))],
+                        queries=[ChannelResult.not_found()], ledger=ledger)
+    b = ScriptedChannel("b", ledger=ledger)
+    config = failover.RouterConfig.model_validate(
+        {"channels": {"a": {"settle_s": 0, "priority": 1, "retry": {"max_attempts": 1}},
+                      "b": {"settle_s": 0, "priority": 2}},
+         "late": {"checks_s": [0, 3600], "retry_s": 60}})
+    async with failover.Router([a, b], failover.MemoryJournal(), config,
+                               clock=clock) as router:
+        ended = await router.repay(repayment(KEY, account=ACCOUNT))
+        for _ in range(20):
+            clock.advance(600)
+            await router.sweep()
+        late = await router.get_late(KEY)
+
+    assert late is not None
+    assert (RepaymentStatus.SUCCEEDED, "b") == (ended.status, ended.channel)
+    assert [("a", "amount_exceeds_refundable")] == [
+        (c.channel, c.refund_code) for c in late.late if c.refund is failover.RefundState.MANUAL]
+    assert 1 == len(a.refund_requests)
+    assert audit({KEY: late}, [ledger], manual=[KEY]).ok
