@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import sys
 import threading
 from collections.abc import Coroutine, Mapping, Sequence
 from pathlib import Path
@@ -98,6 +99,10 @@ class BlockingRouter:
     async def _shut_down(self, kwargs: dict[str, Any]) -> None:
         try:
             await self._router.close(**kwargs)
+            # The httpx kit's clients on this loop: its sockets outlive a stopped loop.
+            kit = sys.modules.get("failover.http")
+            if kit is not None:
+                await kit.aclose_on_this_loop()
         finally:
             # What asyncio.run does on the way out: cancel what is left (a call that
             # slipped past the router's close, say one still writing its intent) and

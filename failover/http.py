@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import email.utils
 import hashlib
 import hmac
@@ -370,8 +371,10 @@ class HttpChannel(abc.ABC):
         self._max_pause_s = max_retry_after_s
         self._clock: Clock = clock or SystemClock()
         self._paused_until: float | None = None
-        self._client: httpx.AsyncClient | None = None
-        self._client_loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop,
+                                                 httpx.AsyncClient] = weakref.WeakKeyDictionary()
+        """One client per event loop that used the channel (a pool's connections belong
+        to the loop that opened them)."""
         # Only a subclass that can refund has ``refund``: the router sends a channel
         # without it straight to the manual-refund list.
         if type(self).build_refund is not HttpChannel.build_refund:
@@ -474,33 +477,51 @@ class HttpChannel(abc.ABC):
 
     def _http(self) -> httpx.AsyncClient:
         """The channel's client on the running loop (a pool's connections belong to the
-        loop that opened them: another loop gets a new client)."""
+        loop that opened them: another loop gets a client of its own, kept beside)."""
         loop = asyncio.get_running_loop()
-        client = self._client
-        if client is None or client.is_closed or self._client_loop is None \
-                or self._client_loop() is not loop:
-            client = self._client = httpx.AsyncClient(
+        client = self._clients.get(loop)
+        if client is None or client.is_closed:
+            client = self._clients[loop] = httpx.AsyncClient(
                 base_url=self.base_url, headers=self._headers, timeout=self._timeout,
                 limits=self._limits, http2=self._http2, verify=self._verify,
                 trust_env=self._trust_env, transport=self._transport,
                 follow_redirects=False)
-            self._client_loop = weakref.ref(loop)
             _OPEN.add(self)
         return client
 
+    @property
+    def _client(self) -> httpx.AsyncClient | None:
+        """The client of the running loop, if it has one (for tests and tools)."""
+        try:
+            return self._clients.get(asyncio.get_running_loop())
+        except RuntimeError:
+            return next(iter(self._clients.values()), None)
+
     async def aclose(self) -> None:
-        """Close the client and its connections (a later call opens a new one)."""
-        client, owner = self._client, self._client_loop
-        self._client = self._client_loop = None
+        """Close the channel's clients and their connections, each on its own loop (a
+        later call opens a new one).  A client whose loop is running in another thread
+        (a ``BlockingRouter``'s) is closed there; one whose loop has stopped cannot be."""
+        clients = list(self._clients.items())
+        self._clients.clear()
         _OPEN.discard(self)
-        if client is None or client.is_closed:
-            return
-        loop = owner() if owner is not None else None
-        if loop is asyncio.get_running_loop():
+        here = asyncio.get_running_loop()
+        for loop, client in clients:
+            if client.is_closed:
+                continue
+            if loop is here:
+                await client.aclose()
+            elif loop.is_running() and not loop.is_closed():
+                done = asyncio.run_coroutine_threadsafe(client.aclose(), loop)
+                with contextlib.suppress(TimeoutError, RuntimeError):
+                    await asyncio.wait_for(asyncio.wrap_future(done), 5)
+
+    async def aclose_here(self) -> None:
+        """Close the client of the running loop only (a loop about to stop)."""
+        client = self._clients.pop(asyncio.get_running_loop(), None)
+        if not self._clients:
+            _OPEN.discard(self)
+        if client is not None and not client.is_closed:
             await client.aclose()
-        elif loop is not None and loop.is_running():  # a BlockingRouter's loop thread
-            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(client.aclose(), loop))
-        # else its loop is closed, and its connections with it.
 
     async def __aenter__(self) -> Self:
         return self
@@ -617,10 +638,17 @@ def _ssl_setting(verify: bool | str | ssl.SSLContext,
 
 
 async def aclose_all() -> None:
-    """Close every ``HttpChannel``'s client opened in this process: for adapters a
+    """Close every ``HttpChannel``'s clients opened in this process: for adapters a
     router built from a file (``Router.from_config``), after ``router.close()``."""
     for channel in list(_OPEN):
         await channel.aclose()
+
+
+async def aclose_on_this_loop() -> None:
+    """Close every ``HttpChannel`` client bound to the running loop: what a loop about to
+    stop (a ``BlockingRouter``'s) does last, since a stopped loop's sockets stay open."""
+    for channel in list(_OPEN):
+        await channel.aclose_here()
 
 
 # -- an example: a simple JSON gateway -------------------------------------------------

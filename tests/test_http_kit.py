@@ -1046,3 +1046,52 @@ async def test_every_row_of_the_table_against_the_simulator(sim_module, make):
                                                              "bare 503")}
     assert 0.0 < paused429 <= 1.0
     assert 9 * 60 < paused503 <= 11 * 60
+
+
+# -- clients across event loops --------------------------------------------------------
+
+
+@pytest.fixture
+def made_clients(monkeypatch: pytest.MonkeyPatch) -> list[httpx.AsyncClient]:
+    """Every httpx.AsyncClient the kit makes during the test."""
+    made: list[httpx.AsyncClient] = []
+    plain = httpx.AsyncClient
+
+    def counting(*args: Any, **kwargs: Any) -> httpx.AsyncClient:
+        client = plain(*args, **kwargs)
+        made.append(client)
+        return client
+
+    monkeypatch.setattr(failover.http.httpx, "AsyncClient", counting)
+    return made
+
+
+async def test_a_channel_used_from_two_loops_closes_both_clients(gateway, made_clients):
+    """Used from this loop and from a BlockingRouter's, alternately: one client per
+    loop, kept (it was replaced and dropped open), and every one closed at the end."""
+    channel = GatewayChannel(base_url=gateway.url("ok"), trust_env=False)
+
+    def blocking_repay() -> failover.RepaymentResult:
+        with failover.BlockingRouter([channel], failover.MemoryJournal()) as router:
+            return router.repay(new_repayment())
+
+    answers = []
+    for _ in range(2):
+        answers.append((await channel.submit(request())).outcome)
+        answers.append((await asyncio.to_thread(blocking_repay)).status)
+    await failover.http.aclose_all()
+
+    assert [Outcome.SUCCEEDED, failover.RepaymentStatus.SUCCEEDED] * 2 == answers
+    assert 3 == len(made_clients)  # this loop's, and one per BlockingRouter's loop
+    assert all(client.is_closed for client in made_clients)
+
+
+def test_a_blocking_router_closes_the_kits_clients_on_its_loop(gateway, made_clients):
+    """Closing a BlockingRouter closes the kit's clients on its loop before the loop
+    stops: a stopped loop's sockets stay open, and aclose_all() could not reach them."""
+    channel = GatewayChannel(base_url=gateway.url("ok"), trust_env=False)
+    with failover.BlockingRouter([channel], failover.MemoryJournal()) as router:
+        result = router.repay(new_repayment())
+
+    assert failover.RepaymentStatus.SUCCEEDED == result.status
+    assert [True] == [client.is_closed for client in made_clients]
