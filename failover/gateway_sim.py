@@ -17,7 +17,8 @@ body ``{"repayment_key", "account", "amount", "currency"}``:
 - 402 ``{"status": "declined", "code": "insufficient_funds", "reference"}``
 - 422 ``{"status": "rejected", "code", "detail"?}``: a bad request
   (``missing_idempotency_key``, ``invalid_request``, ``unknown_currency``,
-  ``invalid_amount``), a key reused with another body (``idempotency_key_reused``), or
+  ``invalid_amount``), a key reused with another repayment key, amount or currency
+  (``idempotency_key_reused``; the account is not compared: it is kept masked), or
   the ``reject`` fault (``rejected``)
 
 It collects at most once per key: a repeat gets the first answer (a 202 becomes the 200
@@ -526,8 +527,10 @@ class _Ledger:
 
     def refunded(self, reference: str) -> Decimal:
         with self._lock:
-            rows = self._conn.execute("SELECT amount FROM refunds WHERE channel = ?"
-                                      " AND reference = ?", (self.name, reference)).fetchall()
+            # Every refund of the payment, whatever name the simulator had when it gave it
+            # (the ledger is one gateway's, as its payments are).
+            rows = self._conn.execute("SELECT amount FROM refunds WHERE reference = ?",
+                                      (reference,)).fetchall()
         return sum((Decimal(r[0]) for r in rows), Decimal(0))
 
     def add_refund(self, answer: _RefundAnswer, payment: _Payment | None,
@@ -779,8 +782,7 @@ class GatewaySim:
             raise ValueError("name must not be blank")
         self.name = name
         self.seed = seed
-        self.faults = Faults.of(faults)
-        """Read on every request: assign new ``Faults`` at any time."""
+        self._faults = Faults.of(faults)
         self.secret = _key(secret if secret is not None else f"gateway-sim/{seed}/{name}")
         self.callback_url = callback_url
         self.clock = clock or SystemClock()
@@ -803,6 +805,16 @@ class GatewaySim:
         ], lifespan=self._lifespan)
 
     # -- audits
+
+    @property
+    def faults(self) -> Faults:
+        """Read on every request: assign new ``Faults`` (or a spec string, or a mapping)
+        at any time."""
+        return self._faults
+
+    @faults.setter
+    def faults(self, faults: Faults | str | Mapping[str, Any] | None) -> None:
+        self._faults = Faults.of(faults)
 
     def collections(self) -> list[Collection]:
         """Every collection, in order (``failover.testing.Collection``, channel = name)."""

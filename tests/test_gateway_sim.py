@@ -529,6 +529,27 @@ async def test_the_ledger_survives_a_restart(ledger):
     second.close()
 
 
+async def test_a_refund_is_bounded_by_the_payment_whatever_the_sims_name(ledger):
+    """A payment refunded in full, then the simulator restarted on its ledger under
+    another name: a second refund is refused (it once gave back twice the amount); a
+    fault spec assigned as text is read as one."""
+    first = GatewaySim("card", ledger)
+    async with client_of(first) as client:
+        await pay(client, "ref-1")
+        given = await refund(client, "rf-1", reference="ref-1", amount="1250.00")
+    first.close()
+    second = GatewaySim("card-v2", ledger)
+    second.faults = "decline=1"
+    async with client_of(second) as client:
+        again = await refund(client, "rf-2", reference="ref-1", amount="1250.00")
+        declined = await pay(client, "ref-2")
+    second.close()
+
+    assert 200 == given.status_code
+    assert (422, "amount_exceeds_refundable") == (again.status_code, again.json()["code"])
+    assert (402, Faults(decline=1)) == (declined.status_code, second.faults)
+
+
 async def test_the_gateway_channel_collects_once_through_resets(ledger):
     """failover.http.GatewayChannel under a Router: payments whose connection was reset
     after they applied are found by the status query, and the ledger audits clean."""
