@@ -102,7 +102,7 @@ class BlockingRouter:
             # The httpx kit's clients on this loop: its sockets outlive a stopped loop.
             kit = sys.modules.get("failover.http")
             if kit is not None:
-                await kit.aclose_on_this_loop()
+                await kit.aclose_all()  # this loop's clients
         finally:
             # What asyncio.run does on the way out: cancel what is left (a call that
             # slipped past the router's close, say one still writing its intent) and

@@ -79,7 +79,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import contextlib
 import email.utils
 import hashlib
 import hmac
@@ -89,6 +88,7 @@ import logging
 import math
 import re
 import ssl
+import threading
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -261,6 +261,8 @@ def _outcome(value: object, where: str) -> Outcome:
 # -- the base class -------------------------------------------------------------------
 
 _OPEN: weakref.WeakSet[HttpChannel] = weakref.WeakSet()
+_OPEN_LOCK = threading.Lock()
+"""Guards ``_OPEN`` and every channel's clients: loops in several threads use them."""
 """Every channel with a client, for ``aclose_all``."""
 
 
@@ -479,14 +481,15 @@ class HttpChannel(abc.ABC):
         """The channel's client on the running loop (a pool's connections belong to the
         loop that opened them: another loop gets a client of its own, kept beside)."""
         loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None or client.is_closed:
-            client = self._clients[loop] = httpx.AsyncClient(
-                base_url=self.base_url, headers=self._headers, timeout=self._timeout,
-                limits=self._limits, http2=self._http2, verify=self._verify,
-                trust_env=self._trust_env, transport=self._transport,
-                follow_redirects=False)
-            _OPEN.add(self)
+        with _OPEN_LOCK:
+            client = self._clients.get(loop)
+            if client is None or client.is_closed:
+                client = self._clients[loop] = httpx.AsyncClient(
+                    base_url=self.base_url, headers=self._headers, timeout=self._timeout,
+                    limits=self._limits, http2=self._http2, verify=self._verify,
+                    trust_env=self._trust_env, transport=self._transport,
+                    follow_redirects=False)
+                _OPEN.add(self)
         return client
 
     @property
@@ -498,28 +501,16 @@ class HttpChannel(abc.ABC):
             return next(iter(self._clients.values()), None)
 
     async def aclose(self) -> None:
-        """Close the channel's clients and their connections, each on its own loop (a
-        later call opens a new one).  A client whose loop is running in another thread
-        (a ``BlockingRouter``'s) is closed there; one whose loop has stopped cannot be."""
-        clients = list(self._clients.items())
-        self._clients.clear()
-        _OPEN.discard(self)
-        here = asyncio.get_running_loop()
-        for loop, client in clients:
-            if client.is_closed:
-                continue
-            if loop is here:
-                await client.aclose()
-            elif loop.is_running() and not loop.is_closed():
-                done = asyncio.run_coroutine_threadsafe(client.aclose(), loop)
-                with contextlib.suppress(TimeoutError, RuntimeError):
-                    await asyncio.wait_for(asyncio.wrap_future(done), 5)
-
-    async def aclose_here(self) -> None:
-        """Close the client of the running loop only (a loop about to stop)."""
-        client = self._clients.pop(asyncio.get_running_loop(), None)
-        if not self._clients:
-            _OPEN.discard(self)
+        """Close the client of the running loop and its connections (a later call opens
+        a new one).  A client another running loop opened is that loop's to close (its
+        calls may be in the air): a ``BlockingRouter`` closes its own when it closes."""
+        loop = asyncio.get_running_loop()
+        with _OPEN_LOCK:
+            client = self._clients.pop(loop, None)
+            for gone in [other for other in self._clients if other.is_closed()]:
+                del self._clients[gone]  # its loop, and the means to close it, are gone
+            if not self._clients:
+                _OPEN.discard(self)
         if client is not None and not client.is_closed:
             await client.aclose()
 
@@ -638,17 +629,13 @@ def _ssl_setting(verify: bool | str | ssl.SSLContext,
 
 
 async def aclose_all() -> None:
-    """Close every ``HttpChannel``'s clients opened in this process: for adapters a
-    router built from a file (``Router.from_config``), after ``router.close()``."""
-    for channel in list(_OPEN):
+    """Close every ``HttpChannel`` client this loop opened in this process: for
+    adapters a router built from a file (``Router.from_config``), after
+    ``router.close()``.  Clients other running loops opened are left to them."""
+    with _OPEN_LOCK:
+        channels = list(_OPEN)
+    for channel in channels:
         await channel.aclose()
-
-
-async def aclose_on_this_loop() -> None:
-    """Close every ``HttpChannel`` client bound to the running loop: what a loop about to
-    stop (a ``BlockingRouter``'s) does last, since a stopped loop's sockets stay open."""
-    for channel in list(_OPEN):
-        await channel.aclose_here()
 
 
 # -- an example: a simple JSON gateway -------------------------------------------------

@@ -1095,3 +1095,22 @@ def test_a_blocking_router_closes_the_kits_clients_on_its_loop(gateway, made_cli
 
     assert failover.RepaymentStatus.SUCCEEDED == result.status
     assert [True] == [client.is_closed for client in made_clients]
+
+
+async def test_closing_one_loops_clients_leaves_anothers_calls_alone(gateway, made_clients):
+    """aclose_all() on this loop while a BlockingRouter's submit through the same
+    channel is in the air: that call keeps its client and gets its answer (another
+    router's shutdown once turned it into a reset, UNKNOWN)."""
+    channel = GatewayChannel(base_url=gateway.url("slow"), trust_env=False)
+    await channel.submit(request())  # this loop's client
+    before = gateway.count("slow")
+    with failover.BlockingRouter([channel], failover.MemoryJournal()) as router:
+        call = asyncio.create_task(asyncio.to_thread(router.repay, new_repayment()))
+        async with asyncio.timeout(5):
+            while gateway.count("slow") == before:  # noqa: ASYNC110 - the gateway's list
+                await asyncio.sleep(0.01)
+        await failover.http.aclose_all()
+        result = await call
+
+    assert [(Outcome.SUCCEEDED, None)] == [(a.outcome, a.code) for a in result.attempts]
+    assert all(client.is_closed for client in made_clients)
