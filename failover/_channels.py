@@ -91,8 +91,13 @@ def _refusal(lane: Lane, overrides: Overrides, amount: Decimal, currency: str,
 
 
 def paused_for(channel: Channel) -> float:
-    """The seconds an adapter's optional ``paused_for`` says it must not be called."""
-    paused = getattr(channel, "paused_for", None)
+    """The seconds an adapter's optional ``paused_for`` says it must not be called (0
+    if it has none, or if reading it fails: a pause is advice, never a reason to lose a
+    call's answer)."""
+    try:
+        paused = getattr(channel, "paused_for", None)
+    except Exception:
+        return 0.0
     return float(paused) if isinstance(paused, int | float) and paused > 0 else 0.0
 
 

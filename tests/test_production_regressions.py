@@ -737,3 +737,27 @@ async def test_a_refund_its_status_query_reports_refused_goes_to_the_manual_list
         (c.channel, c.refund_code) for c in late.late if c.refund is failover.RefundState.MANUAL]
     assert 1 == len(a.refund_requests)
     assert audit({KEY: late}, [ledger], manual=[KEY]).ok
+
+
+class BrokenPause(ScriptedChannel):
+    """An adapter whose ``paused_for`` raises."""
+
+    @property
+    def paused_for(self) -> float:
+        raise RuntimeError("pause bookkeeping failed")
+
+
+async def test_a_paused_for_that_raises_never_loses_the_answer():
+    """The pause is read before and after each call: one that raises is no pause, and
+    the call's answer and the breaker's permit are kept (a half-open trial could leak)."""
+    card = BrokenPause("card", [ChannelResult.unavailable("down"), ChannelResult.succeeded("c-1")])
+    config = failover.RouterConfig.model_validate({"channels": {"card": {
+        "retry": {"max_attempts": 1}, "breaker": {"fail_max": 1, "reset_timeout_s": 10}}}})
+    clock = FakeClock()
+    async with failover.Router([card], failover.MemoryJournal(), config, clock=clock) as router:
+        failed = await router.repay(repayment("loan-1", account=ACCOUNT))
+        clock.advance(11)
+        trial = await router.repay(repayment("loan-2", account=ACCOUNT))
+
+    assert (RepaymentStatus.FAILED, RepaymentStatus.SUCCEEDED) == (failed.status, trial.status)
+    assert 2 == card.submits
