@@ -91,7 +91,6 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
-import hmac
 import json
 import math
 import random
@@ -117,6 +116,7 @@ from starlette.types import Receive, Scope, Send
 from failover._clock import Clock, SystemClock
 from failover._currencies import MINOR_UNITS
 from failover._models import Callback, ChannelResult
+from failover._signing import sign, signed
 from failover.testing import Collection, Refund
 
 __all__ = [
@@ -334,16 +334,10 @@ def _key(secret: str | bytes) -> bytes:
     return secret.encode() if isinstance(secret, str) else secret
 
 
-def sign(secret: str | bytes, body: bytes) -> str:
-    """The ``X-Signature`` value for ``body``: ``sha256=`` and the hex HMAC-SHA256."""
-    return "sha256=" + hmac.new(_key(secret), body, hashlib.sha256).hexdigest()
-
-
 def verify_signature(secret: str | bytes, headers: Mapping[str, str], body: bytes) -> bool:
     """True when ``headers`` carry the simulator's signature of ``body`` under ``secret``
     (the header name is matched ignoring case; compared in constant time)."""
-    given = next((v for k, v in headers.items() if k.lower() == SIGNATURE_HEADER.lower()), "")
-    return hmac.compare_digest(given.encode(), sign(secret, body).encode())
+    return signed(secret, headers, body, SIGNATURE_HEADER)
 
 
 def parse_callback(secret: str | bytes, headers: Mapping[str, str], body: bytes) -> Callback:

@@ -80,8 +80,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import email.utils
-import hashlib
-import hmac
 import importlib.util
 import json
 import logging
@@ -105,6 +103,7 @@ from failover._errors import ChannelUnavailable
 from failover._late import REFUND_SUFFIX
 from failover._models import Callback, ChannelRequest, ChannelResult, Outcome, scrubbed
 from failover._policy import answer_of
+from failover._signing import signed
 
 __all__ = [
     "GatewayChannel",
@@ -731,10 +730,7 @@ class GatewayChannel(HttpChannel):
         (``CallbackRejected`` through the router) for a bad signature or body."""
         if self._secret is None:
             raise ValueError("no callback secret configured (the secret option)")
-        given = next((v for k, v in headers.items()
-                      if k.lower() == self.SIGNATURE_HEADER.lower()), "")
-        expected = "sha256=" + hmac.new(self._secret, body, hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(given.encode(), expected.encode()):
+        if not signed(self._secret, headers, body, self.SIGNATURE_HEADER):
             raise ValueError("bad signature")
         try:
             data = json.loads(body)

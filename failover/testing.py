@@ -14,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
-import hmac
 import inspect
 import json
 import random
@@ -41,6 +39,7 @@ from failover._models import (
     RepaymentResult,
     RepaymentStatus,
 )
+from failover._signing import sign, signed
 
 if TYPE_CHECKING:
     from failover._router import Router
@@ -784,17 +783,13 @@ class SimulatedChannel:
             "channel_reference": result.channel_reference, "code": result.code,
             "detail": result.detail,
         }, sort_keys=True, separators=(",", ":")).encode()
-        signature = hmac.new(self._secret, body, hashlib.sha256).hexdigest()
         return {"Content-Type": "application/json",
-                self.SIGNATURE_HEADER: f"sha256={signature}"}, body
+                self.SIGNATURE_HEADER: sign(self._secret, body)}, body
 
     def parse_callback(self, headers: Mapping[str, str], body: bytes) -> Callback:
         """Read a webhook made by ``signed_callback``: raises ``ValueError("bad
         signature")`` unless it is signed with this channel's secret."""
-        given = next((v for k, v in headers.items()
-                      if k.lower() == self.SIGNATURE_HEADER.lower()), "")
-        expected = "sha256=" + hmac.new(self._secret, body, hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(given.encode(), expected.encode()):
+        if not signed(self._secret, headers, body, self.SIGNATURE_HEADER):
             raise ValueError("bad signature")
         try:
             data = json.loads(body)
