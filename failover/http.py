@@ -491,14 +491,6 @@ class HttpChannel(abc.ABC):
                 _OPEN.add(self)
         return client
 
-    @property
-    def _client(self) -> httpx.AsyncClient | None:
-        """The client of the running loop, if it has one (for tests and tools)."""
-        try:
-            return self._clients.get(asyncio.get_running_loop())
-        except RuntimeError:
-            return next(iter(self._clients.values()), None)
-
     async def aclose(self) -> None:
         """Close the client of the running loop and its connections (a later call opens
         a new one).  A client another running loop opened is that loop's to close (its
